@@ -1,0 +1,176 @@
+"""Building blocks shared by the StyleGAN2 generator and the discriminators.
+
+FIR resampling (`upfirdn2d`), the fused leaky ReLU, and the equalized-learning-rate layers
+of StyleGAN2. Equalized layers store their weights as PyTorch does (N(0,1)-scaled) and
+multiply by 1/sqrt(fan_in) at run time, so converted weights are used as they are and an
+optimizer sees the same parameterisation as in the original.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def make_kernel(k: Sequence[float]) -> np.ndarray:
+  """rosinality's make_kernel: outer product of a 1-D kernel, normalised to sum 1."""
+  k = np.asarray(k, np.float32)
+  if k.ndim == 1:
+    k = k[None, :] * k[:, None]
+  return k / k.sum()
+
+
+def _fir_1d(x: jax.Array, taps: np.ndarray, axis: int, down: int) -> jax.Array:
+  """Depthwise 1-D correlation along H (axis 1) or W (axis 2), VALID, stride `down`."""
+  c = x.shape[-1]
+  k = taps.shape[0]
+  shape = (k, 1, 1, c) if axis == 1 else (1, k, 1, c)
+  w = jnp.broadcast_to(jnp.asarray(taps, x.dtype).reshape(shape[:2] + (1, 1)), shape)
+  strides = (down, 1) if axis == 1 else (1, down)
+  return jax.lax.conv_general_dilated(x, w, strides, "VALID", dimension_numbers=_DN,
+                                      feature_group_count=c)
+
+
+def _fir_2d(x: jax.Array, kernel: np.ndarray, down: int) -> jax.Array:
+  c = x.shape[-1]
+  kh, kw = kernel.shape
+  w = jnp.broadcast_to(jnp.asarray(kernel, x.dtype)[:, :, None, None], (kh, kw, 1, c))
+  return jax.lax.conv_general_dilated(x, w, (down, down), "VALID", dimension_numbers=_DN,
+                                      feature_group_count=c)
+
+
+def _pad_or_crop(x: jax.Array, axis: int, p0: int, p1: int) -> jax.Array:
+  if p0 < 0:
+    x = jax.lax.slice_in_dim(x, -p0, x.shape[axis], axis=axis)
+    p0 = 0
+  if p1 < 0:
+    x = jax.lax.slice_in_dim(x, 0, x.shape[axis] + p1, axis=axis)
+    p1 = 0
+  if p0 or p1:
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (p0, p1)
+    x = jnp.pad(x, pads)
+  return x
+
+
+def _upsample_zeros(x: jax.Array, axis: int, up: int) -> jax.Array:
+  """Inserts up-1 zeros after every sample along `axis` (length n -> n*up)."""
+  if up == 1:
+    return x
+  x = jnp.expand_dims(x, axis + 1)
+  pads = [(0, 0)] * x.ndim
+  pads[axis + 1] = (0, up - 1)
+  x = jnp.pad(x, pads)
+  shape = list(x.shape)
+  shape[axis:axis + 2] = [shape[axis] * up]
+  return x.reshape(shape)
+
+
+def upfirdn2d(x: jax.Array, kernel, up: int = 1, down: int = 1,
+              pad: tuple[int, int] = (0, 0)) -> jax.Array:
+  """Upsample (zero insertion), pad, FIR filter, downsample: rosinality's upfirdn2d, NHWC.
+
+  The filter is a true convolution (kernel flipped) as in the original. `kernel` is either
+  1-D (separable: the 2-D filter is its outer product, two cheap 1-D passes) or 2-D.
+  `pad` = (before, after) for both spatial axes; negative values crop.
+  """
+  kernel = np.asarray(kernel, np.float32)
+  for axis in (1, 2):
+    x = _upsample_zeros(x, axis, up)
+    x = _pad_or_crop(x, axis, *pad)
+  if kernel.ndim == 1:
+    taps = kernel[::-1]
+    x = _fir_1d(x, taps, 1, down)
+    return _fir_1d(x, taps, 2, down)
+  return _fir_2d(x, kernel[::-1, ::-1], down)
+
+
+def separable_taps(blur_kernel: Sequence[float], gain: float = 1.0) -> np.ndarray:
+  """1-D taps whose outer product is make_kernel(blur_kernel) * gain."""
+  k = np.asarray(blur_kernel, np.float32)
+  return k / k.sum() * np.float32(math.sqrt(gain))
+
+
+def fused_leaky_relu(x: jax.Array, bias: jax.Array | None = None,
+                     negative_slope: float = 0.2, gain: float = math.sqrt(2)) -> jax.Array:
+  """leaky_relu(x + bias, 0.2) * sqrt(2) (rosinality's FusedLeakyReLU; slope is always 0.2)."""
+  if bias is not None:
+    x = x + bias.astype(x.dtype)
+  return jax.nn.leaky_relu(x, negative_slope) * jnp.asarray(gain, x.dtype)
+
+
+class FusedLeakyReLU(nn.Module):
+  """FusedLeakyReLU with its own learned bias (torch key `<name>.bias`)."""
+
+  @nn.compact
+  def __call__(self, x):
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    return fused_leaky_relu(x, bias)
+
+
+class EqualConv2d(nn.Module):
+  """Conv with equalized learning rate: weight * 1/sqrt(in * k * k) at run time."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    k = self.kernel_size
+    w = self.param("kernel", nn.initializers.normal(1.0), (k, k, cin, self.features), jnp.float32)
+    scale = 1.0 / math.sqrt(cin * k * k)
+    y = jax.lax.conv_general_dilated(
+        x, (w * scale).astype(x.dtype), (self.stride, self.stride),
+        [(self.padding, self.padding)] * 2, dimension_numbers=_DN)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
+    return y
+
+
+class EqualLinear(nn.Module):
+  """Linear with equalized learning rate and optional fused leaky ReLU (StyleGAN2)."""
+  features: int
+  use_bias: bool = True
+  bias_init: float = 0.0
+  lr_mul: float = 1.0
+  activation: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    # Stored as randn / lr_mul, like the original, so lr_mul scales the effective step size.
+    w = self.param("kernel", lambda k, s: jax.random.normal(k, s) / self.lr_mul,
+                   (cin, self.features))
+    scale = self.lr_mul / math.sqrt(cin)
+    y = x @ (w * scale).astype(x.dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.constant(self.bias_init), (self.features,)) * self.lr_mul
+    if self.activation:
+      return fused_leaky_relu(y, bias)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def blur(x: jax.Array, blur_kernel: Sequence[float], pad: tuple[int, int],
+         gain: float = 1.0) -> jax.Array:
+  """rosinality's Blur: upfirdn2d with make_kernel(blur_kernel) * gain and padding `pad`."""
+  return upfirdn2d(x, separable_taps(blur_kernel, gain), pad=pad)
+
+
+def check_fir_buffer(value, blur_kernel: Sequence[float], gain: float, key: str) -> list[str]:
+  """Problems (as messages) if a checkpoint's FIR buffer differs from the configured kernel."""
+  want = make_kernel(blur_kernel) * gain
+  if value is None:
+    return []
+  if np.shape(value) != want.shape or not np.allclose(value, want, rtol=1e-6, atol=1e-7):
+    return [f"{key}: FIR kernel differs from the configured blur_kernel {list(blur_kernel)}"]
+  return []

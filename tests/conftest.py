@@ -1,0 +1,58 @@
+"""Shared fixtures: PyTorch checkpoints rebuilt from the reference recipes in tests/data."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _make_ckpt_module():
+  spec = importlib.util.spec_from_file_location("make_ckpt", os.path.join(DATA, "make_ckpt.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="session")
+def torch_ckpt(tmp_path_factory):
+  """torch_ckpt(case) -> path of the .pt file rebuilt (sha256-checked) from tests/data/<case>."""
+  import torch
+
+  make_ckpt = _make_ckpt_module()
+  root = tmp_path_factory.mktemp("torch_ckpts")
+  cache = {}
+
+  def build(case):
+    if case not in cache:
+      path = str(root / f"{case}.pt")
+      torch.save(make_ckpt.build_checkpoint(os.path.join(DATA, case)), path)
+      cache[case] = path
+    return cache[case]
+
+  return build
+
+
+def ref(case, name="outputs.npz"):
+  """The reference arrays of a case (NCHW, as made by the original PyTorch code)."""
+  return np.load(os.path.join(DATA, case, name))
+
+
+def nchw(a):
+  return np.transpose(np.asarray(a), (0, 3, 1, 2))
+
+
+def nhwc(a):
+  return np.transpose(np.asarray(a), (0, 2, 3, 1))
+
+
+def assert_close_rel(got, want, rel, what=""):
+  """max|got - want| <= rel * RMS(want): the tolerance form of the parity targets."""
+  got = np.asarray(got, np.float64)
+  want = np.asarray(want, np.float64)
+  assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+  rms = np.sqrt(np.mean(want ** 2))
+  err = np.max(np.abs(got - want))
+  assert err <= rel * rms, f"{what}: max abs err {err:.3g} > {rel:g} * rms {rms:.3g}"
+  return err

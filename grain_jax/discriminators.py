@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grain_jax.layers import (EqualConv2d, EqualLinear, FusedLeakyReLU, check_fir_buffer,
-                              separable_taps)
+from grain_jax.layers import (EqualConv2d, EqualLinear, FusedLeakyReLU, blur, check_fir_buffer,
+                              resize_bilinear, separable_taps)
 from grain_jax.torch_import import CheckpointError, TorchReader, check_tree, strip_prefix
 
 
@@ -50,23 +50,6 @@ def _check_channels(size: int, channels: Sequence[int]) -> None:
                      f"got {len(channels)}: {tuple(channels)}")
 
 
-def _blur(x: jax.Array, blur_kernel: Sequence[float], pad: tuple[int, int]) -> jax.Array:
-  """rosinality's Blur (upfirdn2d, up = down = 1) as shifted slices and adds, NHWC.
-
-  Same result as layers.blur, but XLA:CPU runs the depthwise convolutions of layers.blur some
-  20x slower than these elementwise adds (7.7 s vs 0.34 s for a (4, 128, 128, 256) map), and
-  the discriminator blurs every full-resolution map of every ResBlock.
-  """
-  taps = separable_taps(blur_kernel)[::-1]  # flipped: upfirdn2d is a true convolution
-  for axis in (1, 2):
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = pad
-    x = jnp.pad(x, pads)
-    n = x.shape[axis] - len(taps) + 1
-    x = sum(float(t) * jax.lax.slice_in_dim(x, k, k + n, axis=axis) for k, t in enumerate(taps))
-  return x
-
-
 class ConvLayer(nn.Module):
   """rosinality's ConvLayer: [blur] -> EqualConv2d -> [FusedLeakyReLU].
 
@@ -88,7 +71,7 @@ class ConvLayer(nn.Module):
     k = self.kernel_size
     if self.downsample:
       p = len(self.blur_kernel) - 2 + (k - 1)
-      x = _blur(x, self.blur_kernel, ((p + 1) // 2, p // 2))
+      x = blur(x, self.blur_kernel, ((p + 1) // 2, p // 2))
       stride, padding = 2, 0
     else:
       stride, padding = 1, k // 2
@@ -249,43 +232,6 @@ def discriminator_params_from_torch(state_dict: Mapping[str, Any], size: int,
 
 # ----------------------------------------------------------------------------------------------
 # Bilinear resize with PyTorch semantics.
-
-
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Source indices and weights of F.interpolate(mode='bilinear', align_corners=False).
-
-  Computed in float32 like torch's CPU kernel: at non-integer scales the float32 rounding of
-  the source coordinate moves the weights by up to ~1e-6, visible in the outputs.
-  """
-  f32 = np.float32
-  scale = f32(n_in) / f32(n_out)
-  src = scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5)
-  src = np.maximum(src, f32(0))  # torch clamps negative source coordinates to the first pixel
-  i0 = np.minimum(src.astype(np.int32), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  w1 = np.clip(src - i0.astype(f32), f32(0), f32(1))
-  return i0, i1, f32(1) - w1, w1
-
-
-def resize_bilinear(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
-  """NHWC resize equal to torch `F.interpolate(x, size, mode="bilinear")` (align_corners=False).
-
-  Two taps per axis and no antialiasing, also when shrinking (a 1024 -> 256 resize averages
-  2 of every 4 pixels, 1024 -> 16 just 2 of every 64), exactly as the original's losses and
-  discriminator input. Interpolates along W, then H, like torch's kernel.
-  """
-  oh, ow = (size, size) if isinstance(size, int) else size
-  for axis, n_out in ((2, ow), (1, oh)):
-    n_in = x.shape[axis]
-    if n_in == n_out:
-      continue  # torch copies in this case
-    i0, i1, w0, w1 = _bilinear_taps(n_in, n_out)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
-    w0 = jnp.asarray(w0, x.dtype).reshape(shape)
-    w1 = jnp.asarray(w1, x.dtype).reshape(shape)
-    x = jnp.take(x, i0, axis=axis) * w0 + jnp.take(x, i1, axis=axis) * w1
-  return x
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from grain_jax.layers import resize_bilinear  # noqa: F401  (re-exported for callers)
 from grain_jax.torch_import import TorchReader, check_tree
 
 # Units per stage (get_blocks in the original's helpers).
@@ -258,13 +259,3 @@ def identity_crop(x: jax.Array) -> jax.Array:
                      f"use resize_bilinear(x, {ID_INPUT_SIZE}) first")
   x = x[:, ID_CROP_ROWS[0]:ID_CROP_ROWS[1], ID_CROP_COLS[0]:ID_CROP_COLS[1], :]
   return adaptive_avg_pool(x, ID_NET_SIZE)
-
-
-def resize_bilinear(x: jax.Array, size: Sequence[int] | int) -> jax.Array:
-  """Bilinear resize of NHWC `x` like torch F.interpolate(mode="bilinear", align_corners=False).
-
-  No antialiasing (torch's default): a 4x downscale averages just the two middle pixels of each
-  group of four. jax.image.resize's default antialias=True would blur more when downscaling.
-  """
-  oh, ow = (size, size) if isinstance(size, int) else size
-  return jax.image.resize(x, (x.shape[0], oh, ow, x.shape[3]), "bilinear", antialias=False)

@@ -27,14 +27,18 @@ def make_kernel(k: Sequence[float]) -> np.ndarray:
 
 
 def _fir_1d(x: jax.Array, taps: np.ndarray, axis: int, down: int) -> jax.Array:
-  """Depthwise 1-D correlation along H (axis 1) or W (axis 2), VALID, stride `down`."""
-  c = x.shape[-1]
-  k = taps.shape[0]
-  shape = (k, 1, 1, c) if axis == 1 else (1, k, 1, c)
-  w = jnp.broadcast_to(jnp.asarray(taps, x.dtype).reshape(shape[:2] + (1, 1)), shape)
-  strides = (down, 1) if axis == 1 else (1, down)
-  return jax.lax.conv_general_dilated(x, w, strides, "VALID", dimension_numbers=_DN,
-                                      feature_group_count=c)
+  """1-D correlation along H (axis 1) or W (axis 2), VALID, stride `down`, as shifted adds.
+
+  XLA:CPU runs depthwise (feature-grouped) convolutions some 20x slower than these
+  elementwise adds of shifted slices (7.7 s vs 0.34 s on a (4, 128, 128, 256) map).
+  """
+  n = (x.shape[axis] - len(taps)) // down + 1
+  out = None
+  for k, t in enumerate(taps):
+    part = jax.lax.slice_in_dim(x, k, k + (n - 1) * down + 1, stride=down, axis=axis)
+    part = part * jnp.asarray(t, x.dtype)
+    out = part if out is None else out + part
+  return out
 
 
 def _fir_2d(x: jax.Array, kernel: np.ndarray, down: int) -> jax.Array:
@@ -174,3 +178,40 @@ def check_fir_buffer(value, blur_kernel: Sequence[float], gain: float, key: str)
   if np.shape(value) != want.shape or not np.allclose(value, want, rtol=1e-6, atol=1e-7):
     return [f"{key}: FIR kernel differs from the configured blur_kernel {list(blur_kernel)}"]
   return []
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Source indices and weights of F.interpolate(mode='bilinear', align_corners=False).
+
+  Computed in float32 like torch's CPU kernel: at non-integer scales the float32 rounding of
+  the source coordinate moves the weights by up to ~1e-6, visible in the outputs.
+  """
+  f32 = np.float32
+  scale = f32(n_in) / f32(n_out)
+  src = scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5)
+  src = np.maximum(src, f32(0))  # torch clamps negative source coordinates to the first pixel
+  i0 = np.minimum(src.astype(np.int32), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w1 = np.clip(src - i0.astype(f32), f32(0), f32(1))
+  return i0, i1, f32(1) - w1, w1
+
+
+def resize_bilinear(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+  """NHWC resize equal to torch `F.interpolate(x, size, mode="bilinear")` (align_corners=False).
+
+  Two taps per axis and no antialiasing, also when shrinking (a 1024 -> 256 resize averages
+  2 of every 4 pixels, 1024 -> 16 just 2 of every 64), exactly as the original's losses and
+  discriminator input. Interpolates along W, then H, like torch's kernel.
+  """
+  oh, ow = (size, size) if isinstance(size, int) else size
+  for axis, n_out in ((2, ow), (1, oh)):
+    n_in = x.shape[axis]
+    if n_in == n_out:
+      continue  # torch copies in this case
+    i0, i1, w0, w1 = _bilinear_taps(n_in, n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w0 = jnp.asarray(w0, x.dtype).reshape(shape)
+    w1 = jnp.asarray(w1, x.dtype).reshape(shape)
+    x = jnp.take(x, i0, axis=axis) * w0 + jnp.take(x, i1, axis=axis) * w1
+  return x

@@ -54,5 +54,7 @@ def assert_close_rel(got, want, rel, what=""):
   assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
   rms = np.sqrt(np.mean(want ** 2))
   err = np.max(np.abs(got - want))
+  if os.environ.get("GRAIN_PRINT_PARITY"):
+    print(f"PARITY {what}: max abs err {err:.3g}, rms {rms:.3g}, ratio {err / rms:.2g}")
   assert err <= rel * rms, f"{what}: max abs err {err:.3g} > {rel:g} * rms {rms:.3g}"
   return err

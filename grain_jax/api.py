@@ -1,11 +1,9 @@
 """The public inference API: `grain_jax.load(DIR)` -> a `Grain` with jitted NHWC methods."""
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from grain_jax import weights as weights_lib
 from grain_jax.model import GRAIN, NETWORKS

@@ -27,14 +27,14 @@ def main(argv=None) -> int:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import grain_small
   from grain_jax.api import Grain
-  from grain_jax.model import GRAIN, NETWORKS
+  from grain_jax.model import GRAIN, NETWORKS, init_variables
   from grain_jax.rescaler import lr_to_uint8, uint8_to_lr
   import skimage.data
 
   cfg = grain_small.model_config()
   hr = cfg.hr_size
   model = GRAIN.from_config(cfg)
-  variables = jax.jit(model.init)(jax.random.key(args.seed), np.zeros((1, hr, hr, 3), np.float32))
+  variables = init_variables(model, args.seed, hr)
   grain = Grain({"grain": variables}, cfg, NETWORKS)
 
   img = Image.fromarray(skimage.data.astronaut()).resize((hr, hr), Image.BICUBIC)

@@ -16,24 +16,15 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from grain_jax.layers import (EqualConv2d, EqualLinear, FusedLeakyReLU, blur, check_fir_buffer,
-                              resize_bilinear, separable_taps)
+                              resize_bilinear)
 from grain_jax.torch_import import CheckpointError, TorchReader, check_tree, strip_prefix
 
 
 # ----------------------------------------------------------------------------------------------
 # StyleGAN2 discriminator (rosinality stylegan2-pytorch, model.py: ConvLayer, ResBlock,
 # Discriminator).
-
-
-def stylegan2_channels(size: int, channel_multiplier: int = 2) -> tuple[int, ...]:
-  """Channel widths at resolutions 4, 8, ..., size, as rosinality's `channels` table."""
-  table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier,
-           128: 128 * channel_multiplier, 256: 64 * channel_multiplier,
-           512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
-  return tuple(table[4 * 2 ** i] for i in range(_log2(size) - 1))
 
 
 def _log2(size: int) -> int:
@@ -130,7 +121,7 @@ def minibatch_stddev(x: jax.Array, group_size: int = 4, num_features: int = 1) -
 class StyleGAN2Discriminator(nn.Module):
   """rosinality's StyleGAN2 Discriminator, NHWC: (N, size, size, 3) in [-1, 1] -> (N, 1) logits.
 
-  `channels` gives the width at each resolution 4, 8, ..., size (`stylegan2_channels`).
+  `channels` gives the width at each resolution 4, 8, ..., size (`stylegan2.default_channels`).
   Layout and torch keys (K = 1..log2(size)-2, resolution size / 2^K after block K):
     convs_0      ConvLayer(3 -> ch[size], 1x1)     convs.0.0.weight, convs.0.1.bias
     convs_K      ResBlock                          convs.K.conv1.{0.weight,1.bias},

@@ -9,6 +9,7 @@ the second head of block i, code 2i+1 from the first (the original reverses its 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -81,12 +82,12 @@ class Fea2Code(nn.Module):
 
   @classmethod
   def from_config(cls, cfg) -> "Fea2Code":
-    n_levels = int(round(jnp.log2(cfg.hr_size / cfg.lr_size))) + 1
+    n_levels = int(math.log2(cfg.hr_size // cfg.lr_size)) + 1
     n_codes = n_latent(cfg.hr_size)
     head = tuple(cfg.fea2code.head_channels)
     if 2 ** len(head) != cfg.lr_size:
       raise ValueError(f"fea2code.head_channels needs log2(lr_size) = "
-                       f"{int(jnp.log2(cfg.lr_size))} entries to reach 1x1, got {head}")
+                       f"{int(math.log2(cfg.lr_size))} entries to reach 1x1, got {head}")
     if head[-1] != cfg.generator.style_dim:
       raise ValueError(f"the last fea2code head width ({head[-1]}) must equal "
                        f"generator.style_dim ({cfg.generator.style_dim})")
@@ -95,7 +96,7 @@ class Fea2Code(nn.Module):
 
 def n_latent(size: int) -> int:
   """Number of W+ codes of a StyleGAN2 generator of this output size (18 at 1024)."""
-  return 2 * int(round(jnp.log2(size))) - 2
+  return 2 * int(math.log2(size)) - 2
 
 
 def params_from_torch(state_dict: dict, model: Fea2Code, lr_size: int) -> dict:

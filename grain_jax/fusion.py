@@ -13,21 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from grain_jax.layers import SqueezeExcite
 from grain_jax.rescaler import conv3x3, lrelu, upsample_nearest
 from grain_jax.torch_import import TorchReader, check_tree
-
-
-class SqueezeExcite(nn.Module):
-  """Global average pool, 1x1 conv C -> C/r (no bias), ReLU, 1x1 conv back, sigmoid, scale."""
-  reduction: int = 16
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = jax.nn.relu(nn.Conv(max(c // self.reduction, 1), (1, 1), use_bias=False, name="fc1")(s))
-    s = jax.nn.sigmoid(nn.Conv(c, (1, 1), use_bias=False, name="fc2")(s))
-    return x * s
 
 
 class Fusion(nn.Module):

@@ -13,7 +13,7 @@ GRAIN always uses this network frozen and in eval mode (`IDLoss().eval()`, never
 train), so `train=False` (BatchNorm running statistics, no dropout) is the mode that matters.
 
 The identity loss preprocessing is separate: `identity_crop` (crop + adaptive pooling to 112), and
-`resize_bilinear` for the 256 px resize GRAIN's trainer does first (see `identity_crop`).
+`layers.resize_bilinear` for the 256 px resize GRAIN's trainer does first (see `identity_crop`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from grain_jax.layers import resize_bilinear  # noqa: F401  (re-exported for callers)
+from grain_jax.layers import SqueezeExcite
 from grain_jax.torch_import import TorchReader, check_tree
 
 # Units per stage (get_blocks in the original's helpers).
@@ -62,20 +62,6 @@ class PReLU(nn.Module):
     return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
 
 
-class SEModule(nn.Module):
-  """Squeeze-excitation with bias-free 1x1 convs: x * sigmoid(fc2(relu(fc1(avgpool(x)))))."""
-  reduction: int = 16
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.Conv(c // self.reduction, (1, 1), use_bias=False, name="fc1")(s)
-    s = nn.relu(s)
-    s = nn.Conv(c, (1, 1), use_bias=False, name="fc2")(s)
-    return x * nn.sigmoid(s)
-
-
 class BottleneckIRSE(nn.Module):
   """bottleneck_IR_SE: BN, conv3x3, PReLU, conv3x3 (stride), BN, SE; plus shortcut."""
   in_channels: int
@@ -99,7 +85,7 @@ class BottleneckIRSE(nn.Module):
     r = nn.Conv(self.depth, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), use_bias=False,
                 name="conv2")(r)
     r = _batch_norm(train, "bn2")(r)
-    r = SEModule(name="se")(r)
+    r = SqueezeExcite(name="se")(r)
     return r + shortcut
 
 
@@ -251,11 +237,11 @@ def identity_crop(x: jax.Array) -> jax.Array:
 
   Crops rows 35..222 and columns 32..219 (188x188) and adaptive-average-pools to 112x112. Images
   of another size must first be brought to 256 as GRAIN's trainer does, i.e.
-  `resize_bilinear(x, 256)`.
+  `layers.resize_bilinear(x, 256)`.
   """
   if x.shape[1:3] != (ID_INPUT_SIZE, ID_INPUT_SIZE):
     raise ValueError(f"identity_crop expects {ID_INPUT_SIZE}x{ID_INPUT_SIZE} NHWC images (the "
                      f"crop box is fixed for that size), got shape {x.shape}; "
-                     f"use resize_bilinear(x, {ID_INPUT_SIZE}) first")
+                     f"use grain_jax.layers.resize_bilinear(x, {ID_INPUT_SIZE}) first")
   x = x[:, ID_CROP_ROWS[0]:ID_CROP_ROWS[1], ID_CROP_COLS[0]:ID_CROP_COLS[1], :]
   return adaptive_avg_pool(x, ID_NET_SIZE)

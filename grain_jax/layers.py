@@ -164,6 +164,22 @@ class EqualLinear(nn.Module):
     return y if bias is None else y + bias.astype(y.dtype)
 
 
+class SqueezeExcite(nn.Module):
+  """Global average pool, 1x1 conv C -> C/r (no bias), ReLU, 1x1 conv back, sigmoid, scale.
+
+  The SE block of both GRAIN's Fusion and the IR-SE50 units (torch keys fc1, fc2).
+  """
+  reduction: int = 16
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = jax.nn.relu(nn.Conv(max(c // self.reduction, 1), (1, 1), use_bias=False, name="fc1")(s))
+    s = jax.nn.sigmoid(nn.Conv(c, (1, 1), use_bias=False, name="fc2")(s))
+    return x * s
+
+
 def blur(x: jax.Array, blur_kernel: Sequence[float], pad: tuple[int, int],
          gain: float = 1.0) -> jax.Array:
   """rosinality's Blur: upfirdn2d with make_kernel(blur_kernel) * gain and padding `pad`."""

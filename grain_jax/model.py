@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from grain_jax.fea2code import Fea2Code
 from grain_jax.fusion import Fusion
@@ -76,7 +77,12 @@ class GRAIN(nn.Module):
     return dict(lr_float=lr_float, lr=lr, **out)
 
 
-def init_variables(model: GRAIN, rng: jax.Array, hr_size: int, batch: int = 1):
-  """Fresh random variables for the whole model (all four networks)."""
-  import jax.numpy as jnp
-  return model.init(rng, jnp.zeros((batch, hr_size, hr_size, 3), jnp.float32))
+def init_variables(model: GRAIN, seed: int, hr_size: int, batch: int = 1):
+  """Fresh random variables for the networks of `model`.
+
+  Uses an RngBitGenerator key ('unsafe_rbg'): XLA:CPU compiles the per-parameter random
+  initialisers about 4x faster than with the default threefry key (small config: ~30 s
+  instead of ~2 min), and initial weights need no cross-platform reproducibility.
+  """
+  rng = jax.random.key(seed, impl="unsafe_rbg")
+  return jax.jit(model.init)(rng, jnp.zeros((batch, hr_size, hr_size, 3), jnp.float32))

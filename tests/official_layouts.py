@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 
+from grain_jax.stylegan2 import default_channels
+
 
 def _ch(size, cm=2):
-  return {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm,
-          512: 32 * cm, 1024: 16 * cm}[size]
+  return dict(zip((4 * 2 ** i for i in range(9)), default_channels(1024, cm)))[size]
 
 
 def generator_keys(size, style_dim=512, n_mlp=8):

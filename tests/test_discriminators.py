@@ -10,11 +10,12 @@ from torch import nn
 
 from conftest import assert_close_rel, nchw, nhwc, ref
 from grain_jax import discriminators as D
+from grain_jax.stylegan2 import default_channels
 from grain_jax.torch_import import CheckpointError, load_torch_file
 
 CASE = "stylegan2_disc_256"
 SIZE = 256
-CHANNELS = D.stylegan2_channels(SIZE, 2)
+CHANNELS = default_channels(SIZE, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,21 +189,7 @@ def test_channels_and_size_checked():
     D.StyleGAN2Discriminator(16, (8, 8)).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(ValueError, match="expected"):
     D.StyleGAN2Discriminator(8, (8, 8)).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
-  assert D.stylegan2_channels(1024, 2) == (512, 512, 512, 512, 512, 256, 128, 64, 32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bilinear resize (torch F.interpolate semantics).
-
-
-@pytest.mark.parametrize("src,dst", [((64, 64), (256, 256)), ((1024, 1024), (256, 256)),
-                                     ((1024, 1024), (16, 16)), ((50, 70), (20, 33)),
-                                     ((7, 5), (16, 9)), ((33, 33), (33, 12))])
-def test_resize_bilinear_matches_torch(src, dst):
-  x = np.random.default_rng(sum(src) + sum(dst)).standard_normal((2, 3) + src).astype(np.float32)
-  want = F.interpolate(torch.from_numpy(x), size=list(dst), mode="bilinear").numpy()
-  got = nchw(D.resize_bilinear(jnp.asarray(nhwc(x)), dst))
-  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  assert default_channels(1024, 2) == (512, 512, 512, 512, 512, 256, 128, 64, 32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,14 +96,3 @@ def test_identity_crop_matches_torch():
   np.testing.assert_allclose(nchw(got), want, atol=1e-6, rtol=0)
   with pytest.raises(ValueError, match="256x256"):
     irse50.identity_crop(nhwc(x)[:, :128, :128])
-
-
-@pytest.mark.parametrize("size_in,size_out", [(1024, 256), (64, 256), (100, 37)])
-def test_resize_bilinear_matches_torch(size_in, size_out):
-  import torch
-  import torch.nn.functional as F
-
-  x = np.random.default_rng(size_in).uniform(-1, 1, (1, 3, size_in, size_in)).astype(np.float32)
-  want = F.interpolate(torch.from_numpy(x), size=[size_out, size_out], mode="bilinear").numpy()
-  got = nchw(irse50.resize_bilinear(nhwc(x), size_out))
-  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)

@@ -63,3 +63,16 @@ def test_fused_leaky_relu():
   b = np.float32(0.5)
   want = np.where(x + b > 0, x + b, 0.2 * (x + b)) * np.sqrt(2)
   np.testing.assert_allclose(layers.fused_leaky_relu(x, b), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("src,dst", [((64, 64), (256, 256)), ((1024, 1024), (256, 256)),
+                                     ((1024, 1024), (16, 16)), ((50, 70), (20, 33)),
+                                     ((7, 5), (16, 9)), ((33, 33), (33, 12)), ((100, 100), (37, 37))])
+def test_resize_bilinear_matches_torch(src, dst):
+  """torch F.interpolate(mode='bilinear', align_corners=False), no antialias, any sizes."""
+  import torch
+  import torch.nn.functional as F
+  x = np.random.default_rng(sum(src) + sum(dst)).standard_normal((2, 3) + src).astype(np.float32)
+  want = F.interpolate(torch.from_numpy(x), size=list(dst), mode="bilinear").numpy()
+  got = np.asarray(layers.resize_bilinear(x.transpose(0, 2, 3, 1), dst)).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)

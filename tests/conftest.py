@@ -1,11 +1,20 @@
 """Shared fixtures: PyTorch checkpoints rebuilt from the reference recipes in tests/data."""
 import importlib.util
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def convert_cli(out, *args):
+  """Runs convert_weights.py as a user would; returns the CompletedProcess."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), "--out",
+                         str(out), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def _make_ckpt_module():

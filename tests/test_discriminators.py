@@ -305,17 +305,12 @@ def test_patch_converter_key_forms_and_errors():
 
 def test_patch_discriminator_file_converts(tmp_path):
   """A stage-1 `*_dis.pt` as GRAIN's trainer saves it -> convert_weights.py -> same variables."""
-  import os
-  import subprocess
-  import sys
+  from conftest import convert_cli
   from grain_jax.weights import load_weights
 
   net = _torch_patch_d((64, 128, 256, 512), seed=3)
   torch.save({"state_dict": net.state_dict()}, tmp_path / "best_model_dis.pt")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, os.path.join(root, "convert_weights.py"), "--out",
-                      str(tmp_path / "w"), "--patch_discriminator", str(tmp_path / "best_model_dis.pt")],
-                     capture_output=True, text=True, cwd=root)
+  r = convert_cli(tmp_path / "w", "--patch_discriminator", tmp_path / "best_model_dis.pt")
   assert r.returncode == 0, r.stderr
   tree, _, meta = load_weights(str(tmp_path / "w"))
   assert meta["networks"] == ["patch_discriminator"]

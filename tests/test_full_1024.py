@@ -5,18 +5,13 @@ default (1024) config accepts every official file layout, and upscale/discrimina
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import grain_jax
-from conftest import DATA
+from conftest import DATA, convert_cli
 from official_layouts import discriminator_keys, generator_keys, random_state_dict
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.mark.parametrize("case,keys", [("stylegan2_gen_256", generator_keys(256)),
                                        ("stylegan2_disc_256", discriminator_keys(256))])
@@ -34,12 +29,10 @@ def test_1024_convert_load_upscale(torch_ckpt, tmp_path):
   torch.save({"g_ema": gen, "latent_avg": torch.zeros(512)}, tmp_path / "g.pt")
   torch.save({"d": disc}, tmp_path / "d.pt")
   out = tmp_path / "w1024"
-  r = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "convert_weights.py"), "--out", str(out),
-       "--stylegan2", str(tmp_path / "g.pt"), "--discriminator", str(tmp_path / "d.pt"),
-       "--invrrdb", torch_ckpt("grain_invrrdb"), "--codestylegan", torch_ckpt("grain_fea2code"),
-       "--fusion", torch_ckpt("grain_fusion"), "--irse50", torch_ckpt("irse50_112"),
-       "--lpips", "builtin"], capture_output=True, text=True, cwd=ROOT)
+  r = convert_cli(out, "--stylegan2", tmp_path / "g.pt", "--discriminator", tmp_path / "d.pt",
+                  "--invrrdb", torch_ckpt("grain_invrrdb"), "--codestylegan",
+                  torch_ckpt("grain_fea2code"), "--fusion", torch_ckpt("grain_fusion"),
+                  "--irse50", torch_ckpt("irse50_112"), "--lpips", "builtin")
   assert r.returncode == 0, r.stderr
   g = grain_jax.load(str(out))
   assert g.networks == {"rescaler", "fea2code", "generator", "fusion", "discriminator",

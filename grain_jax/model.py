@@ -86,3 +86,18 @@ def init_variables(model: GRAIN, seed: int, hr_size: int, batch: int = 1):
   """
   rng = jax.random.key(seed, impl="unsafe_rbg")
   return jax.jit(model.init)(rng, jnp.zeros((batch, hr_size, hr_size, 3), jnp.float32))
+
+
+def placeholder_variables(model: GRAIN, hr_size: int, seed: int = 0):
+  """Variables of the right shapes and small random values, made on the host in seconds.
+
+  For timing and memory measurements only (the cost does not depend on the values): it
+  skips compiling Flax's random initialisers, which takes minutes at 1024 on a CPU.
+  """
+  import numpy as np
+
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, hr_size, hr_size, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)

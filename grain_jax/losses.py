@@ -1,0 +1,93 @@
+"""GRAIN's training losses (coaches/coachTrain.py `calc_loss` and the discriminator steps).
+
+All take NHWC images in [-1, 1] and return scalars averaged over the batch, as the original's
+`F.mse_loss`, pSp's LPIPS and IDLoss do. Under data parallelism each device computes the
+means of its own shard, and averaging the gradients over devices gives the global mean; the
+one loss that couples samples, the relativistic-average GAN loss, takes `axis_name` so that its
+batch mean is the mean over all devices.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from grain_jax.irse50 import ID_INPUT_SIZE, IRSE50, identity_crop
+from grain_jax.layers import resize_bilinear
+from grain_jax.lpips import LPIPS
+
+
+def l2(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Mean squared error over all elements (F.mse_loss)."""
+  return jnp.mean(jnp.square(a - b))
+
+
+def lr_l2(lr_float: jax.Array, target: jax.Array) -> jax.Array:
+  """L2 between the encoder's (unquantized) LR and a bilinear resize of the target.
+
+  The resize is torch's `F.interpolate(y, size=[16, 16], mode="bilinear")`: two taps, no
+  antialiasing, at the LR size of the model.
+  """
+  return l2(lr_float, resize_bilinear(target, lr_float.shape[1:3]))
+
+
+def lpips(lpips_params, a: jax.Array, b: jax.Array) -> jax.Array:
+  """LPIPS (AlexNet), averaged over the batch."""
+  return jnp.mean(LPIPS().apply(lpips_params, a, b))
+
+
+def identity_embedding(irse50_variables, x: jax.Array) -> jax.Array:
+  """IR-SE50 embedding as GRAIN's IDLoss computes it: bilinear to 256, crop, pool, network."""
+  x = resize_bilinear(x, ID_INPUT_SIZE)
+  return IRSE50().apply(irse50_variables, identity_crop(x))
+
+
+def identity(irse50_variables, fake: jax.Array, real: jax.Array) -> jax.Array:
+  """1 - cos(embedding(fake), embedding(real)), batch mean; the real side is not differentiated."""
+  e_fake = identity_embedding(irse50_variables, fake)
+  e_real = jax.lax.stop_gradient(identity_embedding(irse50_variables, real))
+  return jnp.mean(1.0 - jnp.sum(e_fake * e_real, axis=-1))
+
+
+def _batch_mean(x: jax.Array, axis_name: str | None) -> jax.Array:
+  m = jnp.mean(x, axis=0, keepdims=True)
+  return jax.lax.pmean(m, axis_name) if axis_name else m
+
+
+def _bce_with_logits(logits: jax.Array, target: float) -> jax.Array:
+  """nn.BCEWithLogitsLoss (mean) against a constant 0 or 1 target."""
+  return jnp.mean(jax.nn.softplus(-logits) if target == 1.0 else jax.nn.softplus(logits))
+
+
+def relativistic_generator(fake_logits, real_logits, axis_name: str | None = None):
+  """Stage-1 generator loss: BCE(D(fake) - mean D(real), 1).
+
+  As the original, only this term (not its real-side twin) drives the generator.
+  """
+  return _bce_with_logits(fake_logits - _batch_mean(real_logits, axis_name), 1.0)
+
+
+def relativistic_discriminator(real_logits, fake_logits, axis_name: str | None = None):
+  """Stage-1 discriminator loss: (BCE(D(real) - mean D(fake), 1) + BCE(D(fake) - mean D(real), 0)) / 2."""
+  real_rel = real_logits - _batch_mean(fake_logits, axis_name)
+  fake_rel = fake_logits - _batch_mean(real_logits, axis_name)
+  return 0.5 * (_bce_with_logits(real_rel, 1.0) + _bce_with_logits(fake_rel, 0.0))
+
+
+def nonsaturating_generator(fake_logits: jax.Array) -> jax.Array:
+  """StyleGAN2 generator loss softplus(-D(fake)), mean."""
+  return jnp.mean(jax.nn.softplus(-fake_logits))
+
+
+def logistic_discriminator(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+  """StyleGAN2 discriminator loss softplus(-D(real)) + softplus(D(fake)), means."""
+  return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def r1_penalty(logits_fn, real: jax.Array) -> jax.Array:
+  """R1: |d sum(D(real)) / d real|^2 per sample, mean over the batch.
+
+  `logits_fn(images) -> logits`. The original weights it by gamma / 2 * interval
+  (10 / 2 * 16) and applies it every 16th step (lazy regularisation).
+  """
+  grad = jax.grad(lambda x: jnp.sum(logits_fn(x)))(real)
+  return jnp.mean(jnp.sum(jnp.square(grad).reshape(grad.shape[0], -1), axis=1))

@@ -1,0 +1,98 @@
+"""Ranger (optax radam + lookahead + gradient centralization) against a direct NumPy
+implementation of the PyTorch Ranger GRAIN trains with, on a toy least-squares problem."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from grain_jax import optim
+
+
+def reference_ranger(params, grad_fn, steps, lr=1e-3, b1=0.95, b2=0.999, eps=1e-5, k=6,
+                     alpha=0.5):
+  """lessw2020's Ranger (pSp's copy) written out in NumPy on Flax-layout (HWIO) parameters.
+
+  Gradient centralization subtracts the mean over all axes but the output one (torch's dims
+  1.. of an (out, in, kh, kw) weight), for tensors of rank > 1.
+  """
+  p = {k_: v.astype(np.float64) for k_, v in params.items()}
+  m = {k_: np.zeros_like(v) for k_, v in p.items()}
+  v2 = {k_: np.zeros_like(v) for k_, v in p.items()}
+  slow = {k_: v.copy() for k_, v in p.items()}
+  n_sma_max = 2 / (1 - b2) - 1
+  trajectory = []
+  for t in range(1, steps + 1):
+    grads = grad_fn(p)
+    for name in p:
+      g = np.asarray(grads[name], np.float64)
+      if g.ndim > 1:
+        g = g - g.mean(axis=tuple(range(g.ndim - 1)), keepdims=True)
+      m[name] = b1 * m[name] + (1 - b1) * g
+      v2[name] = b2 * v2[name] + (1 - b2) * g * g
+      b2t = b2 ** t
+      n_sma = n_sma_max - 2 * t * b2t / (1 - b2t)
+      if n_sma > 5:
+        step = math.sqrt((1 - b2t) * (n_sma - 4) / (n_sma_max - 4) * (n_sma - 2) / n_sma
+                         * n_sma_max / (n_sma_max - 2)) / (1 - b1 ** t)
+        p[name] = p[name] - lr * step * m[name] / (np.sqrt(v2[name]) + eps)
+      else:
+        p[name] = p[name] - lr * m[name] / (1 - b1 ** t)
+      if t % k == 0:
+        slow[name] = slow[name] + alpha * (p[name] - slow[name])
+        p[name] = slow[name].copy()
+    trajectory.append({k_: v.copy() for k_, v in p.items()})
+  return trajectory
+
+
+def test_ranger_follows_the_pytorch_ranger_on_a_toy_problem():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(64, 3 * 3 * 4)).astype(np.float32)
+  target = rng.normal(size=(64, 5)).astype(np.float32)
+  params = {"kernel": rng.normal(size=(3, 3, 4, 5)).astype(np.float32),
+            "bias": rng.normal(size=(5,)).astype(np.float32)}
+
+  def loss(p):
+    pred = a @ p["kernel"].reshape(-1, 5) + p["bias"]
+    return 10.0 * jnp.mean((pred - target) ** 2)  # gradients >> eps (see optim.py)
+
+  grad = jax.jit(jax.grad(loss))
+  want = reference_ranger(params, lambda p: jax.tree_util.tree_map(
+      np.asarray, grad({k: jnp.asarray(v, jnp.float32) for k, v in p.items()})), steps=30,
+      lr=5e-2)
+
+  cfg = ml_collections.ConfigDict(dict(name="ranger", b1=0.95, b2=0.999, eps=1e-5,
+                                       sync_period=6, slow_step_size=0.5))
+  tx = optim.make_optimizer(cfg, 5e-2)
+  opt_params = optim.wrap_params(cfg, jax.tree_util.tree_map(jnp.asarray, params))
+  state = tx.init(opt_params)
+
+  @jax.jit
+  def step(opt_params, state):
+    g = grad(optim.model_params(opt_params))
+    updates, state = tx.update(g, state, opt_params)
+    return optax.apply_updates(opt_params, updates), state
+
+  losses = [float(loss(params))]
+  for t in range(30):
+    opt_params, state = step(opt_params, state)
+    got = optim.model_params(opt_params)
+    for name in params:
+      move = np.abs(want[t][name] - params[name]).max()
+      err = np.abs(np.asarray(got[name]) - want[t][name]).max()
+      assert err <= 2e-3 * move, (t, name, err, move)
+    losses.append(float(loss(got)))
+  assert losses[-1] < 0.4 * losses[0]
+  # After a sync step (6, 12, ...) the slow weights equal the fast ones.
+  np.testing.assert_allclose(np.asarray(opt_params.fast["bias"]),
+                             np.asarray(opt_params.slow["bias"]), rtol=1e-6)
+
+
+def test_gradient_centralization_leaves_vectors_and_zeroes_kernel_means():
+  g = {"k": jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4) ** 2,
+       "b": jnp.arange(4.0)}
+  out, _ = optim.centralize_gradients().update(g, optax.EmptyState())
+  np.testing.assert_allclose(np.asarray(out["k"]).mean(axis=(0, 1)), 0, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(out["b"]), np.arange(4.0))

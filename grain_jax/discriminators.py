@@ -259,9 +259,12 @@ class BatchNorm2d(nn.Module):
   As torch, the running variance is updated with the UNBIASED batch variance (Flax's BatchNorm
   uses the biased one), while normalisation in training uses the biased one.
   Params 'scale', 'bias'; batch_stats 'mean', 'var' (torch weight, bias, running_mean, running_var).
+  With `axis_name`, batch statistics are over the whole batch across that mapped axis
+  (synchronised BatchNorm, for data parallelism with equal shards).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -273,12 +276,17 @@ class BatchNorm2d(nn.Module):
     if train:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x, axes)
-      var = jnp.mean(jnp.square(x - mean), axes)
       n = x.size // c
+      if self.axis_name:
+        mean = jax.lax.pmean(mean, self.axis_name)
+        n = n * jax.lax.psum(1, self.axis_name)
+      var = jnp.mean(jnp.square(x - mean), axes)
+      if self.axis_name:
+        var = jax.lax.pmean(var, self.axis_name)
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-        unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+        unbiased = jax.lax.stop_gradient(var) * (n / jnp.maximum(n - 1, 1))
         ra_var.value = m * ra_var.value + (1 - m) * unbiased
     else:
       mean, var = ra_mean.value, ra_var.value
@@ -307,6 +315,7 @@ class PatchDiscriminator(nn.Module):
   widths: Sequence[int] = (64, 128, 256, 512)
   input_size: int | None = 256
   bn_momentum: float = 0.9
+  axis_name: str | None = None  # synchronised BatchNorm over this mapped axis
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -315,10 +324,10 @@ class PatchDiscriminator(nn.Module):
     for i, w in enumerate(self.widths):
       x = TorchConv3x3(w, name=f"block{i}_conv1")(x)
       if i > 0:
-        x = BatchNorm2d(self.bn_momentum, name=f"block{i}_bn1")(x, train)
+        x = BatchNorm2d(self.bn_momentum, axis_name=self.axis_name, name=f"block{i}_bn1")(x, train)
       x = nn.leaky_relu(x, 0.2)
       x = TorchConv3x3(w, stride=2, name=f"block{i}_conv2")(x)
-      x = BatchNorm2d(self.bn_momentum, name=f"block{i}_bn2")(x, train)
+      x = BatchNorm2d(self.bn_momentum, axis_name=self.axis_name, name=f"block{i}_bn2")(x, train)
       x = nn.leaky_relu(x, 0.2)
     return TorchConv3x3(1, name="out_conv")(x)
 

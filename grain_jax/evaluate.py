@@ -38,10 +38,10 @@ OUTPUTS = ("hr", "hr_inv", "hr_gan", "bicubic")
 FOLDERS = {"lr": "lr", "hr_inv": "invrrdb", "hr_gan": "stylegan", "hr": "fusion"}
 
 
-def metric_names(lr_size: int, with_lpips: bool) -> list[str]:
+def metric_names(lr_size: int, with_lpips: bool, outputs=OUTPUTS) -> list[str]:
   """The per-image metric keys, in CSV column order."""
   names = []
-  for k in OUTPUTS:
+  for k in [o for o in OUTPUTS if o in outputs or o == "bicubic"]:
     names += [f"{k}_psnr", f"{k}_ssim"] + ([f"{k}_lpips"] if with_lpips else [])
   names.append("lr_psnr")
   if lr_size >= metrics.SSIM_WIN:
@@ -54,11 +54,19 @@ class Evaluator:
 
   `evaluator(x)` takes a host batch (B, hr, hr, 3) in [-1, 1], B = `batch_size`, and returns
   device arrays: per-image metrics (B,) and, if `with_images`, uint8 images.
+  `outputs` limits the judged outputs (e.g. ("hr_inv",) needs only the rescaler).
+  `set_variables` swaps in new weights of the same shapes without recompiling (training).
   """
 
   def __init__(self, grain, batch_size: int | None = None, lpips_params=None,
-               with_images: bool = False, devices=None):
-    grain.require("upscale")
+               with_images: bool = False, devices=None, outputs=("hr", "hr_inv", "hr_gan")):
+    self.outputs = tuple(outputs) + ("bicubic",)
+    if "hr" in outputs:
+      grain.require("upscale")
+    needs = {"rescaler"} | ({"fea2code", "generator"} if {"hr", "hr_gan"} & set(outputs) else set())
+    if needs - grain.networks:
+      raise RuntimeError(f"evaluating {', '.join(outputs)} needs the networks "
+                         f"{', '.join(sorted(needs - grain.networks))}")
     devices = list(devices or jax.local_devices())
     self.mesh = Mesh(np.array(devices), ("data",))
     n = len(devices)
@@ -69,8 +77,8 @@ class Evaluator:
     self.hr_size, self.lr_size = grain.hr_size, grain.lr_size
     self.with_lpips = lpips_params is not None
     self.with_images = with_images
-    self.names = metric_names(self.lr_size, self.with_lpips)
-    replicated = NamedSharding(self.mesh, P())
+    self.names = metric_names(self.lr_size, self.with_lpips, self.outputs)
+    replicated = self._replicated = NamedSharding(self.mesh, P())
     self.data_sharding = NamedSharding(self.mesh, P("data"))
     self.variables = jax.device_put(grain.variables, replicated)
     self.lpips_params = jax.device_put(lpips_params or {}, replicated)
@@ -85,17 +93,24 @@ class Evaluator:
     self.step = step.lower(self.variables, self.lpips_params, x_spec).compile()
     self.compile_seconds = time.perf_counter() - t
 
+  def set_variables(self, variables) -> None:
+    """New GRAIN variables (same structure and shapes) for the next calls."""
+    self.variables = jax.device_put(variables, self._replicated)
+
   def _step(self, variables, lpips_params, x):
     m = self._model
     lr = m.apply(variables, x, method=m.downscale)
-    out = m.apply(variables, lr, method=m.upscale)
+    if {"hr", "hr_gan"} & set(self.outputs):
+      out = m.apply(variables, lr, method=m.upscale)
+    else:
+      out = {"hr_inv": m.apply(variables, lr, method=lambda m, lr: m.rescaler.decode(lr)[0])}
     bic_lr = quantize(metrics.bicubic_resize(x, self.lr_size))
     out["bicubic"] = metrics.bicubic_resize(bic_lr, self.hr_size)
     gt = metrics.quantize_image(x)
-    q = {k: metrics.quantize_image(out[k]) for k in OUTPUTS}
+    q = {k: metrics.quantize_image(out[k]) for k in self.outputs}
     q_lr, q_bic_lr = metrics.quantize_image(lr), metrics.quantize_image(bic_lr)
     res = {}
-    for k in OUTPUTS:
+    for k in self.outputs:
       res[f"{k}_psnr"] = metrics.psnr(q[k], gt)
       res[f"{k}_ssim"] = metrics.ssim(q[k], gt)
       if self.with_lpips:
@@ -106,7 +121,7 @@ class Evaluator:
       res["lr_ssim"] = metrics.ssim(q_lr, q_bic_lr)
     if self.with_images:
       u8 = lambda a: a.astype(jnp.uint8)
-      res.update(img_gt=u8(gt), img_lr=u8(q_lr), **{f"img_{k}": u8(q[k]) for k in OUTPUTS})
+      res.update(img_gt=u8(gt), img_lr=u8(q_lr), **{f"img_{k}": u8(q[k]) for k in self.outputs})
     return res
 
   def __call__(self, x: np.ndarray) -> dict[str, jax.Array]:
@@ -118,11 +133,12 @@ class Evaluator:
 
 
 def save_images(out_dir: str, name: str, res: dict[str, np.ndarray]) -> None:
-  """One image's outputs in the original test script's folders."""
+  """One image's outputs in the original test script's folders (those that were computed)."""
   for key, folder in FOLDERS.items():
-    images.write_png(os.path.join(out_dir, folder, name), res[f"img_{key}"])
-  comp = np.concatenate([res["img_hr_inv"], res["img_hr_gan"], res["img_hr"], res["img_gt"]], 1)
-  images.write_png(os.path.join(out_dir, "comp", name), comp)
+    if f"img_{key}" in res:
+      images.write_png(os.path.join(out_dir, folder, name), res[f"img_{key}"])
+  comp = [res[f"img_{k}"] for k in ("hr_inv", "hr_gan", "hr") if f"img_{k}" in res]
+  images.write_png(os.path.join(out_dir, "comp", name), np.concatenate(comp + [res["img_gt"]], 1))
 
 
 def lpips_params_for(grain, mode: str):

@@ -88,6 +88,11 @@ def decode(img: Image.Image) -> tuple[np.ndarray, str | None]:
   return np.asarray(img, np.float32) / 255.0, note
 
 
+def decode_array(a: np.ndarray) -> tuple[np.ndarray, str | None]:
+  """A uint8 array (HxW, HxWx3 or HxWx4) -> float32 RGB in [0, 1], like a decoded file."""
+  return decode(Image.fromarray(np.asarray(a, np.uint8)))
+
+
 def read_image(path: str) -> tuple[np.ndarray, str | None]:
   """Decodes an image file to float32 RGB in [0, 1]; raises ImageError naming the file."""
   try:
@@ -112,8 +117,13 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
   img = img[top:top + s, left:left + s]
   if s == size:
     return np.ascontiguousarray(img)
-  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c]), mode="F")
-                      .resize((size, size), Image.BICUBIC)) for c in range(img.shape[-1])]
+  return resize_to(img, size, size)
+
+
+def resize_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Antialiased bicubic resize (PIL, on float data) of an HxWxC float image in [0, 1]."""
+  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c], np.float32), mode="F")
+                      .resize((width, height), Image.BICUBIC)) for c in range(img.shape[-1])]
   return np.clip(np.stack(chans, -1), 0.0, 1.0).astype(np.float32)
 
 

@@ -57,13 +57,15 @@ class GRAIN(nn.Module):
     return codes
 
   def upscale(self, lr, noise="const"):
-    """lr (N, h, w, 3) -> dict(hr_inv, hr_gan, hr, codes)."""
+    """lr (N, h, w, 3) -> dict(hr_inv, hr_gan, hr, codes) (no hr if built without Fusion)."""
     hr_inv, features = self.rescaler.decode(lr)
     codes = self.codes(features)
     hr_gan, _, g_features = self.generator([codes], input_is_latent=True, noise=noise,
                                            return_features=True)
-    hr = self.fusion(features, g_features)
-    return dict(hr_inv=hr_inv, hr_gan=hr_gan, hr=hr, codes=codes)
+    out = dict(hr_inv=hr_inv, hr_gan=hr_gan, codes=codes)
+    if self.fusion is not None:
+      out["hr"] = self.fusion(features, g_features)
+    return out
 
   def generate(self, w_plus, noise="const"):
     """W+ codes (N, n_latent, style_dim) -> image, with the generator's constant noise."""
@@ -73,6 +75,8 @@ class GRAIN(nn.Module):
     """The whole round trip (training forward): dict(lr_float, lr, hr_inv, hr_gan, hr, codes)."""
     lr_float = self.rescaler.encode(x)
     lr = quantize(lr_float, rng)
+    if self.fea2code is None:  # a rescaler-only model (training stage 1)
+      return dict(lr_float=lr_float, lr=lr, hr_inv=self.rescaler.decode(lr)[0])
     out = self.upscale(lr, noise)
     return dict(lr_float=lr_float, lr=lr, **out)
 

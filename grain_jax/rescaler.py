@@ -55,12 +55,15 @@ def quantize(x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
   image is then exactly what an 8-bit PNG stores. With an rng, adds U(-0.5, 0.5) on the
   0..255 scale and clamps (the training form; gradients flow through the noise).
   """
-  v = to_levels(x)
   if rng is None:
-    idx = jnp.clip(jnp.round(v), 0, 255).astype(jnp.int32)
+    idx = jnp.clip(jnp.round(to_levels(x)), 0, 255).astype(jnp.int32)
     return jnp.asarray(LEVEL_VALUES, x.dtype)[idx]
-  v = v + jax.random.uniform(rng, v.shape, v.dtype, -0.5, 0.5)
-  return from_levels(jnp.clip(v, 0.0, 255.0))
+  return quantize_with_noise(x, jax.random.uniform(rng, x.shape, x.dtype, -0.5, 0.5))
+
+
+def quantize_with_noise(x: jax.Array, noise: jax.Array) -> jax.Array:
+  """The training quantizer with given U(-0.5, 0.5) noise (on the 0..255 scale), clamped."""
+  return from_levels(jnp.clip(to_levels(x) + noise, 0.0, 255.0))
 
 
 def lr_to_uint8(lr: jax.Array) -> np.ndarray:

@@ -1,0 +1,42 @@
+"""The CPU demo: all four GRAIN stages at 64 px -> 4 px (16x per side) in a few minutes.
+
+    python train.py --config configs/demo.py --workdir demo_run
+
+Data: natural images bundled with scikit-image; random crops of some make the training
+set, fixed crops of others the held-out set. The StyleGAN2 prior is freshly initialised
+(small, untrained) unless --config.init.weights names a converted 64 px checkpoint. Ends by
+evaluating on the held-out crops: WORKDIR/metrics.json (grain_jax.evaluate's keys) and
+WORKDIR/comparison.png.
+"""
+from configs import grain_small
+from configs.training import training_config
+
+STAGES = ("invrrdb", "fea2code", "fusion", "finetune")
+
+
+def get_config():
+  c = training_config("invrrdb", model=grain_small.model_config())
+  c.demo = True
+  c.stages = STAGES
+  c.stage_steps = dict(invrrdb=600, fea2code=150, fusion=150, finetune=150)
+  c.stage_learning_rate = dict(invrrdb=1e-3, fea2code=1e-4, fusion=1e-3, finetune=2e-4)
+  c.demo_train_images = ("astronaut", "coffee", "rocket", "hubble_deep_field",
+                         "immunohistochemistry", "retina", "colorwheel", "brick", "grass",
+                         "gravel", "moon", "horse", "text", "page")
+  c.demo_heldout_images = ("chelsea", "camera", "coins", "clock")
+  c.demo_heldout_scale = 0.35
+  c.init.random_init = ("rescaler", "fea2code", "fusion", "generator", "discriminator",
+                        "patch_discriminator")
+  c.data.crop = "random"
+  c.data.random_scale = (0.2, 0.5)
+  c.data.hflip = True
+  c.data.workers = 2
+  c.data.eval_max_images = 64
+  c.batch_size = 8
+  c.loss.id = 0.0  # no IR-SE50 weights ship with any package
+  c.log_every = 50
+  c.image_every = 0
+  c.eval_every = 0          # each stage is validated once, at its end
+  c.checkpoint_every = 150
+  c.keep_checkpoints = 1
+  return c

@@ -1,0 +1,11 @@
+"""GRAIN stage 3: Fusion only: the same losses on the final image (D every 3rd step).
+
+    python train.py --config configs/stage3_fusion.py --workdir WORKDIR \
+        --config.data.train=FOLDER --config.init.weights=CONVERTED_WEIGHTS \
+        --config.init.previous_workdir=STAGE2_WORKDIR
+"""
+from configs.training import training_config
+
+
+def get_config():
+  return training_config("fusion")

@@ -1,0 +1,61 @@
+"""Training defaults shared by the four stage configs (the original's 1024 hyper-parameters).
+
+Not a config file by itself: configs/stage*.py call `training_config(stage)` and adjust.
+Every field can be overridden on the command line, e.g. `--config.batch_size=8`.
+"""
+import ml_collections
+
+from configs import grain_1024
+
+# Per stage: discriminator interval, LR-image loss weight, learning rate (coachTrain.py).
+STAGE_DEFAULTS = {
+    "invrrdb": dict(d_every=6, lr_l2=0.1, learning_rate=1e-4),
+    "fea2code": dict(d_every=5, lr_l2=0.0, learning_rate=1e-4),
+    "fusion": dict(d_every=3, lr_l2=0.0, learning_rate=1e-4),
+    "finetune": dict(d_every=3, lr_l2=0.1, learning_rate=5e-5),
+}
+
+
+def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
+  d = STAGE_DEFAULTS[stage]
+  c = ml_collections.ConfigDict()
+  c.model = model if model is not None else grain_1024.model_config()
+  c.stage = stage
+  # Where the starting weights come from. `weights`: a converted weights directory
+  # (convert_weights.py) with the StyleGAN2 G (stages 2-4), its D, IR-SE50 and LPIPS, and any
+  # GRAIN networks; `previous_workdir`: the previous stage's workdir, whose trained networks
+  # are taken from its latest checkpoint (they override `weights`). Networks in
+  # `random_init` may start from random weights when neither source has them.
+  c.init = ml_collections.ConfigDict(dict(
+      weights="", previous_workdir="",
+      random_init=("rescaler", "fea2code", "fusion", "discriminator", "patch_discriminator")))
+  c.data = ml_collections.ConfigDict(dict(
+      train="",            # folder of images (or source folder) or tfds:NAME/SPLIT
+      train_target="",     # optional folder of targets with the same file names (paired data)
+      eval="",             # held-out folder or tfds:NAME/SPLIT for validation ('' = none)
+      data_dir="",         # TFDS data_dir
+      crop="center",       # 'center': center square resized to hr; 'random': random crops
+      random_scale=(1.0, 1.0),  # 'random': resize by a factor in this range, then crop
+      hflip=False,
+      workers=4,
+      eval_max_images=50,  # the original validates on the first 50 test images
+  ))
+  c.batch_size = 0          # global batch; 0 = one image per device (the original: 1 per GPU)
+  c.learning_rate = d["learning_rate"]
+  c.lr_schedule = "constant"  # or 'cosine' (to 0 at max_steps), both after warmup_steps
+  c.warmup_steps = 0
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="ranger", b1=0.95, b2=0.999, eps=1e-5, sync_period=6, slow_step_size=0.5))
+  c.d_learning_rate = -1.0  # < 0: same as learning_rate (the original)
+  c.loss = ml_collections.ConfigDict(dict(l2=1.0, lr_l2=d["lr_l2"], lpips=0.8, id=0.1, adv=0.01))
+  c.d_every = d["d_every"]
+  c.r1_gamma = 10.0
+  c.r1_every = 16
+  c.max_steps = 300000
+  c.log_every = 5000       # the original's board_interval
+  c.image_every = 5000
+  c.eval_every = 20000
+  c.checkpoint_every = 20000
+  c.keep_checkpoints = 3
+  c.seed = 0
+  return c

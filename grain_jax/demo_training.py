@@ -1,0 +1,111 @@
+"""The CPU demo (configs/demo.py): data from scikit-image, the four stages in turn, a final
+evaluation on held-out crops against the bicubic baseline."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import ml_collections
+import numpy as np
+
+from grain_jax import images
+
+log = logging.getLogger("grain_jax.demo")
+
+
+def prepare_data(cfg, root: str) -> tuple[str, str]:
+  """Writes the training pictures and the held-out crops under root/; returns both folders."""
+  import skimage.data
+
+  hr = int(cfg.model.hr_size)
+  train, heldout = os.path.join(root, "train"), os.path.join(root, "heldout")
+  if os.path.isdir(heldout) and os.listdir(heldout):
+    return train, heldout  # made by an earlier (interrupted) run of the same demo
+  tmp = heldout + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  for name in cfg.demo_train_images:
+    img, _ = images.decode_array(getattr(skimage.data, name)())
+    images.write_png(os.path.join(train, f"{name}.png"), images.to_uint8(images.to_model(img)))
+  for name in cfg.demo_heldout_images:
+    img, _ = images.decode_array(getattr(skimage.data, name)())
+    h, w = img.shape[:2]
+    s = cfg.demo_heldout_scale
+    img = images.resize_to(img, max(hr, round(h * s)), max(hr, round(w * s)))
+    for i in range(img.shape[0] // hr):
+      for j in range(img.shape[1] // hr):
+        crop = img[i * hr:(i + 1) * hr, j * hr:(j + 1) * hr]
+        images.write_png(os.path.join(tmp, f"{name}_{i}_{j}.png"),
+                         images.to_uint8(images.to_model(crop)))
+  os.rename(tmp, heldout)
+  return train, heldout
+
+
+def stage_config(cfg, stage: str, train: str, heldout: str, previous: str):
+  """The demo's config for one stage: that stage's defaults, the demo's data and steps."""
+  from configs.training import STAGE_DEFAULTS
+
+  c = ml_collections.ConfigDict(cfg.to_dict())
+  c.stage = stage
+  c.max_steps = cfg.stage_steps[stage]
+  c.learning_rate = cfg.stage_learning_rate[stage]
+  c.d_every = STAGE_DEFAULTS[stage]["d_every"]
+  c.loss.lr_l2 = STAGE_DEFAULTS[stage]["lr_l2"]
+  c.data.train, c.data.eval = train, heldout
+  c.init.previous_workdir = previous
+  return c
+
+
+def comparison(grain, heldout: str, out_path: str, n: int = 4) -> None:
+  """Rows of held-out crops: input | bicubic baseline | hr_inv | hr_gan | hr."""
+  import jax
+  from grain_jax import data as data_lib, metrics
+  from grain_jax.rescaler import quantize
+
+  src = data_lib.FolderSource(heldout)
+  x = np.stack([images.to_model(src.load(i)[0]) for i in range(min(n, len(src)))])
+  out = grain.upscale(grain.downscale(x))
+  bic = metrics.bicubic_resize(quantize(metrics.bicubic_resize(x, grain.lr_size)), grain.hr_size)
+  cols = [x, np.asarray(jax.device_get(bic))] + [np.asarray(out[k]) for k in ("hr_inv", "hr_gan", "hr")]
+  rows = [np.concatenate([images.to_uint8(c[i]) for c in cols], 1) for i in range(len(x))]
+  images.write_png(out_path, np.concatenate(rows, 0))
+
+
+def run(cfg, workdir: str, progress: bool = True) -> dict:
+  """Trains the four stages in WORKDIR/stage*_NAME, evaluates, writes metrics.json and
+  comparison.png; returns the metrics."""
+  from grain_jax import api, data as data_lib, evaluate, trainer
+
+  t0 = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  train, heldout = prepare_data(cfg, os.path.join(workdir, "data"))
+  previous = ""
+  for k, stage in enumerate(cfg.stages, 1):
+    stage_dir = os.path.join(workdir, f"stage{k}_{stage}")
+    log.info("stage %d/%d: %s (%d steps)", k, len(cfg.stages), stage, cfg.stage_steps[stage])
+    m = trainer.train_and_evaluate(stage_config(cfg, stage, train, heldout, previous),
+                                   stage_dir, progress)
+    out = trainer.get_stage(stage).output
+    if m:
+      log.info("stage %s: held-out %s PSNR %.2f dB (bicubic %.2f dB)", stage, out,
+               m[f"{out}_psnr"], m["bicubic_psnr"])
+    previous = stage_dir
+  grain = api.load(os.path.join(previous, "weights"))
+  ev = evaluate.Evaluator(grain, None, grain.lpips_params if "lpips" in grain.networks else None,
+                          with_images=False)
+  m = evaluate.evaluate(ev, data_lib.FolderSource(heldout), os.path.join(workdir, "eval"),
+                        progress=False)
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(m, f, indent=1)
+  comparison(grain, heldout, os.path.join(workdir, "comparison.png"))
+  minutes = (time.perf_counter() - t0) / 60
+  print(f"demo finished in {minutes:.1f} min; {m['num_images']} held-out {grain.hr_size}x"
+        f"{grain.hr_size} crops via {grain.lr_size}x{grain.lr_size} 8-bit LR:")
+  print(f"  GRAIN    hr PSNR {m['hr_psnr']:.2f} dB  SSIM {m['hr_ssim']:.4f}")
+  print(f"  bicubic     PSNR {m['bicubic_psnr']:.2f} dB  SSIM {m['bicubic_ssim']:.4f}  "
+        f"(GRAIN {m['hr_psnr'] - m['bicubic_psnr']:+.2f} dB)")
+  print(f"wrote {os.path.join(workdir, 'metrics.json')} and "
+        f"{os.path.join(workdir, 'comparison.png')}")
+  return m

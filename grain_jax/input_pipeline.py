@@ -1,0 +1,129 @@
+"""Training batches: folders (optionally paired source/target) or TFDS splits -> NHWC batches.
+
+Built on the `grain` data library: a deterministic shuffle from the seed, different in each
+epoch; each host takes every process_count-th example; decoding and cropping run in
+background threads; the iterator's position (`get_state`/`set_state`, a small JSON dict) is
+saved with each checkpoint so a resumed run sees exactly the batches it would have seen.
+Unreadable examples are skipped and counted (`skipped()`), never fatal.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import grain
+import numpy as np
+
+from grain_jax import data as data_lib
+from grain_jax import images
+
+
+class PairedFolders:
+  """Source and target folders holding the same relative file names (the original's layout)."""
+
+  def __init__(self, source: str, target: str):
+    src = data_lib.FolderSource(source)
+    tgt = {os.path.splitext(f.name)[0]: f for f in data_lib.FolderSource(target).files}
+    self.pairs = [(f, tgt[os.path.splitext(f.name)[0]]) for f in src.files
+                  if os.path.splitext(f.name)[0] in tgt]
+    if not self.pairs:
+      raise ValueError(f"no file of {source} has a namesake in {target}")
+    self.description = f"{source} -> {target}"
+
+  def __len__(self):
+    return len(self.pairs)
+
+  def name(self, i):
+    return self.pairs[i][0].name
+
+  def load_pair(self, i):
+    s, t = self.pairs[i]
+    return images.read_image(s.path)[0], images.read_image(t.path)[0]
+
+
+class _Unpaired:
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def load_pair(self, i):
+    img = self.source.load(i)[0]
+    return img, img
+
+
+def open_training_source(cfg_data):
+  """The config's training data as an object with len() and load_pair(i) -> (x01, y01)."""
+  data_dir = cfg_data.data_dir or None
+  if cfg_data.train_target:
+    return PairedFolders(cfg_data.train, cfg_data.train_target)
+  if not cfg_data.train:
+    raise ValueError("no training data: set --config.data.train=FOLDER or tfds:NAME/SPLIT")
+  return _Unpaired(data_lib.open_source(cfg_data.train, data_dir))
+
+
+def crop_pair(x: np.ndarray, y: np.ndarray, size: int, cfg_data, rng: np.random.Generator):
+  """The same crop (and flip) of source and target, as size x size float32 in [-1, 1]."""
+  if cfg_data.crop == "center":
+    x, y = images.resize_square(x, size), images.resize_square(y, size)
+  elif cfg_data.crop == "random":
+    lo, hi = cfg_data.random_scale
+    scale = rng.uniform(lo, hi)
+    h, w = x.shape[:2]
+    side = max(size, int(round(min(h, w) * scale)))
+    if side != min(h, w):  # rescale so that the shorter side is `side`, keeping aspect
+      nh, nw = max(size, round(h * side / min(h, w))), max(size, round(w * side / min(h, w)))
+      x, y = images.resize_to(x, nh, nw), images.resize_to(y, nh, nw)
+    h, w = x.shape[:2]
+    top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+    x, y = x[top:top + size, left:left + size], y[top:top + size, left:left + size]
+  else:
+    raise ValueError(f"data.crop must be 'center' or 'random', got {cfg_data.crop!r}")
+  if cfg_data.hflip and rng.random() < 0.5:
+    x, y = x[:, ::-1], y[:, ::-1]
+  return images.to_model(x), images.to_model(y)
+
+
+class TrainData:
+  """An endless, resumable iterator of dict(x, y) batches for this host."""
+
+  def __init__(self, cfg_data, hr_size: int, batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    self.source = open_training_source(cfg_data)
+    self._skipped = 0
+    self._lock = threading.Lock()
+
+    def load(i, rng):
+      try:
+        x, y = self.source.load_pair(int(i))
+        x, y = crop_pair(x, y, hr_size, cfg_data, rng)
+        return {"x": x, "y": y}
+      except (images.ImageError, OSError, ValueError):
+        with self._lock:
+          self._skipped += 1
+        return None
+
+    ds = grain.MapDataset.range(len(self.source)).shuffle(seed=seed).repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(load, seed=seed + 1)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(cfg_data.workers)),
+                                                 prefetch_buffer_size=4 * batch_size + 8))
+    it_ds = it_ds.filter(lambda ex: ex is not None).batch(batch_size, drop_remainder=True)
+    self._it = iter(it_ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  def skipped(self) -> int:
+    """Examples skipped so far because they could not be read."""
+    return self._skipped

@@ -28,7 +28,8 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   # `random_init` may start from random weights when neither source has them.
   c.init = ml_collections.ConfigDict(dict(
       weights="", previous_workdir="",
-      random_init=("rescaler", "fea2code", "fusion", "discriminator", "patch_discriminator")))
+      random_init=("rescaler", "fea2code", "fusion", "discriminator", "patch_discriminator"),
+      random_all=False))
   c.data = ml_collections.ConfigDict(dict(
       train="",            # folder of images (or source folder) or tfds:NAME/SPLIT
       train_target="",     # optional folder of targets with the same file names (paired data)

@@ -144,6 +144,10 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
 
 
 def load(directory: str) -> Grain:
-  """Loads a converted-weights directory (made by convert_weights.py)."""
+  """Loads a converted-weights directory (convert_weights.py) or a training workdir (its
+  latest weights, WORKDIR/weights; WORKDIR/best holds the best validated ones)."""
+  if (not os.path.exists(os.path.join(directory, weights_lib.META))
+      and os.path.exists(os.path.join(directory, "weights", weights_lib.META))):
+    directory = os.path.join(directory, "weights")
   tree, cfg, meta = weights_lib.load_weights(directory)
   return Grain(tree, cfg, meta["networks"], meta)

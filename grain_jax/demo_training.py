@@ -28,6 +28,9 @@ def prepare_data(cfg, root: str) -> tuple[str, str]:
   shutil.rmtree(tmp, ignore_errors=True)
   for name in cfg.demo_train_images:
     img, _ = images.decode_array(getattr(skimage.data, name)())
+    if max(img.shape[:2]) > 512:  # smaller files decode faster; crops are small anyway
+      f = 512 / max(img.shape[:2])
+      img = images.resize_to(img, round(img.shape[0] * f), round(img.shape[1] * f))
     images.write_png(os.path.join(train, f"{name}.png"), images.to_uint8(images.to_model(img)))
   for name in cfg.demo_heldout_images:
     img, _ = images.decode_array(getattr(skimage.data, name)())
@@ -53,7 +56,9 @@ def stage_config(cfg, stage: str, train: str, heldout: str, previous: str):
   c.learning_rate = cfg.stage_learning_rate[stage]
   c.d_every = STAGE_DEFAULTS[stage]["d_every"]
   c.loss.lr_l2 = STAGE_DEFAULTS[stage]["lr_l2"]
-  c.data.train, c.data.eval = train, heldout
+  c.loss.update(cfg.stage_loss[stage])
+  c.data.train = train
+  c.data.eval = heldout if stage in cfg.validate_stages else ""
   c.init.previous_workdir = previous
   return c
 
@@ -93,8 +98,7 @@ def run(cfg, workdir: str, progress: bool = True) -> dict:
                m[f"{out}_psnr"], m["bicubic_psnr"])
     previous = stage_dir
   grain = api.load(os.path.join(previous, "weights"))
-  ev = evaluate.Evaluator(grain, None, grain.lpips_params if "lpips" in grain.networks else None,
-                          with_images=False)
+  ev = evaluate.Evaluator(grain, None, evaluate.lpips_params_for(grain, "auto"))
   m = evaluate.evaluate(ev, data_lib.FolderSource(heldout), os.path.join(workdir, "eval"),
                         progress=False)
   with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax.rescaler import conv3x3, lrelu
+from grain_jax.rescaler import TORCH_KERNEL_INIT, conv3x3, lrelu
 from grain_jax.torch_import import TorchReader, check_tree
 
 
@@ -42,7 +42,8 @@ class GradualStyleBlock(nn.Module):
       for j, c in enumerate(self.head_channels):
         y = lrelu(conv3x3(c, 2, name=f"convs{head}_{j}")(y))
       self.sow("intermediates", f"x{head}", y)
-      codes.append(nn.Dense(self.head_channels[-1], name=f"linear{head}")(y.reshape(y.shape[0], -1)))
+      codes.append(nn.Dense(self.head_channels[-1], kernel_init=TORCH_KERNEL_INIT,
+                            name=f"linear{head}")(y.reshape(y.shape[0], -1)))
     return codes[0], codes[1], carry
 
 

@@ -49,8 +49,7 @@ class _Unpaired:
     return len(self.source)
 
   def load_pair(self, i):
-    img = self.source.load(i)[0]
-    return img, img
+    return self.source.load(i)[0], None  # the target is the input
 
 
 def open_training_source(cfg_data):
@@ -63,26 +62,29 @@ def open_training_source(cfg_data):
   return _Unpaired(data_lib.open_source(cfg_data.train, data_dir))
 
 
-def crop_pair(x: np.ndarray, y: np.ndarray, size: int, cfg_data, rng: np.random.Generator):
-  """The same crop (and flip) of source and target, as size x size float32 in [-1, 1]."""
+def crop_pair(x: np.ndarray, y: np.ndarray | None, size: int, cfg_data,
+              rng: np.random.Generator):
+  """The same crop (and flip) of source and target, as size x size float32 in [-1, 1].
+
+  'center': the center square resized to size. 'random': a random square of side
+  size / scale (scale drawn from data.random_scale, at most the shorter side) resized to
+  size, i.e. a random crop of the picture scaled by `scale`. y=None: the target is x.
+  """
   if cfg_data.crop == "center":
-    x, y = images.resize_square(x, size), images.resize_square(y, size)
+    crops = [images.resize_square(a, size) for a in (x, y) if a is not None]
   elif cfg_data.crop == "random":
     lo, hi = cfg_data.random_scale
-    scale = rng.uniform(lo, hi)
     h, w = x.shape[:2]
-    side = max(size, int(round(min(h, w) * scale)))
-    if side != min(h, w):  # rescale so that the shorter side is `side`, keeping aspect
-      nh, nw = max(size, round(h * side / min(h, w))), max(size, round(w * side / min(h, w)))
-      x, y = images.resize_to(x, nh, nw), images.resize_to(y, nh, nw)
-    h, w = x.shape[:2]
-    top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-    x, y = x[top:top + size, left:left + size], y[top:top + size, left:left + size]
+    side = min(h, w, max(1, int(round(size / rng.uniform(lo, hi)))))
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    crops = [images.resize_square(a[top:top + side, left:left + side], size)
+             for a in (x, y) if a is not None]
   else:
     raise ValueError(f"data.crop must be 'center' or 'random', got {cfg_data.crop!r}")
   if cfg_data.hflip and rng.random() < 0.5:
-    x, y = x[:, ::-1], y[:, ::-1]
-  return images.to_model(x), images.to_model(y)
+    crops = [c[:, ::-1] for c in crops]
+  crops = [images.to_model(c) for c in crops]
+  return crops[0], crops[-1]
 
 
 class TrainData:

@@ -20,9 +20,16 @@ def lrelu(x):
   return jax.nn.leaky_relu(x, 0.2)
 
 
+# PyTorch's default Conv2d / Linear weight init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)),
+# a third of Flax's default variance. GRAIN trains from it; with Flax's larger default the
+# stacked dense blocks start with much larger activations and train more slowly.
+TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
 def conv3x3(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-  """nn.Conv2d(k=3, padding=1) with bias, in NHWC."""
-  return nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), name=name)
+  """nn.Conv2d(k=3, padding=1) with bias, in NHWC, with PyTorch's weight initialisation."""
+  return nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)),
+                 kernel_init=TORCH_KERNEL_INIT, name=name)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:

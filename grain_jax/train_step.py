@@ -78,7 +78,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def grain_variables(state: TrainState) -> dict:
-  """The GRAIN variables (trained + frozen) the networks run with."""
+  """The GRAIN variables (trained + frozen, including networks the stage does not run)."""
   params = dict(state.frozen["params"])
   params.update(optim.model_params(state.params))
   return {"params": params, "buffers": state.frozen.get("buffers", {})}

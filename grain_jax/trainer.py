@@ -8,6 +8,7 @@
                        stage, grain_jax.load, rescale and evaluate read)
     best/              the same for the best validation score so far
     tensorboard/       scalars and the 8-panel image grids; images/ has the grids as PNG
+    train_metrics.jsonl  the logged training losses, one JSON line per log step
     metrics.json       the last validation (grain_jax.evaluate's keys)
 Running the same command again resumes from the latest checkpoint and gives the same result
 as an uninterrupted run.
@@ -29,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grain_jax import images, optim, weights as weights_lib
 from grain_jax.input_pipeline import TrainData
-from grain_jax.model import GRAIN, init_variables
+from grain_jax.model import GRAIN, NETWORKS, init_variables
 from grain_jax.train_step import (AXIS, TrainState, build_discriminator, get_stage,
                                   grain_variables, make_parallel_step, make_train_step)
 
@@ -62,11 +63,13 @@ def _flatten(d, prefix=""):
 
 
 def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/config.json, or compares with it: changes other than RESUMABLE_CHANGES
-  are refused, naming each differing field."""
+  """Writes WORKDIR/config.json, or, if the workdir holds checkpoints, compares with it:
+  changes other than RESUMABLE_CHANGES are refused, naming each differing field."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(cfg.to_json())
-  if os.path.exists(path):
+  ckpts = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+  if resuming and os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
     a, b = _flatten(old), _flatten(new)
@@ -114,8 +117,9 @@ def initial_variables(cfg) -> tuple[dict, dict, dict, dict]:
         others[net] = tree[net]
         origin[net] = f"{src_name} {path}"
   d_name = "patch_discriminator" if stage.discriminator == "patch" else "discriminator"
+  use_d = cfg.loss.adv > 0
   missing = [n for n in stage.runs if n not in grain_params]
-  refused = [n for n in missing + ([d_name] if d_name not in others else [])
+  refused = [n for n in missing + ([d_name] if use_d and d_name not in others else [])
              if n not in cfg.init.random_init]
   if refused:
     flags = ", ".join(f"{n} ({CONVERT_FLAG[n]})" for n in refused)
@@ -124,15 +128,19 @@ def initial_variables(cfg) -> tuple[dict, dict, dict, dict]:
                      f"--config.init.previous_workdir=PREVIOUS_STAGE_WORKDIR, or allow random "
                      f"weights with --config.init.random_init")
   if missing:
-    log.warning("random initial weights for %s", ", ".join(missing))
-    model = GRAIN.from_config(cfg.model, stage.runs)
+    # init.random_all: initialise every network once (one compilation) and pass the ones
+    # this stage does not run on to the next stage through the exported weights.
+    nets = NETWORKS if cfg.init.get("random_all") else stage.runs
+    nets = [n for n in nets if n in missing or n not in grain_params]
+    log.warning("random initial weights for %s", ", ".join(nets))
+    model = GRAIN.from_config(cfg.model, [n for n in NETWORKS if n in set(nets) | set(stage.runs)])
     fresh = init_variables(model, cfg.seed, int(cfg.model.hr_size))
-    for n in missing:
+    for n in nets:
       grain_params[n] = fresh["params"][n]
       origin[n] = f"random (seed {cfg.seed})"
       if n == "generator":
         buffers["generator"] = fresh["buffers"]["generator"]
-  if d_name not in others:
+  if use_d and d_name not in others:
     log.warning("random initial weights for the %s", d_name.replace("_", " "))
     disc = build_discriminator(cfg, stage, axis_name=None)
     hr = int(cfg.model.hr_size)
@@ -141,6 +149,7 @@ def initial_variables(cfg) -> tuple[dict, dict, dict, dict]:
     kwargs = {"train": False} if stage.discriminator == "patch" else {}
     others[d_name] = jax.jit(lambda k: disc.init(k, dummy, **kwargs))(key)
     origin[d_name] = f"random (seed {cfg.seed + 1})"
+  d_variables = others.get(d_name, {"params": {}}) if use_d else {"params": {}}
   loss_vars = {}
   if cfg.loss.lpips > 0:
     if "lpips" in others:
@@ -154,10 +163,11 @@ def initial_variables(cfg) -> tuple[dict, dict, dict, dict]:
       loss_vars["irse50"] = others["irse50"]
     else:
       log.warning("identity loss off: no IR-SE50 weights (convert them with --irse50)")
-  variables = {"params": {n: grain_params[n] for n in stage.runs}}
+  # Networks the stage does not run are carried along (frozen) to the exported weights.
+  variables = {"params": dict(grain_params)}
   if buffers:
     variables["buffers"] = buffers
-  return variables, others[d_name], loss_vars, origin
+  return variables, d_variables, loss_vars, origin
 
 
 def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
@@ -186,9 +196,11 @@ def export_weights(path: str, cfg, state: TrainState, loss_vars: dict, d_name: s
   d = {"params": optim.model_params(state.d_params)}
   if state.d_batch_stats:
     d["batch_stats"] = state.d_batch_stats
-  tree[d_name] = host(d)
+  networks = list(tree["grain"]["params"]) + list(loss_vars)
+  if d["params"]:  # no discriminator when the adversarial loss is off
+    tree[d_name] = host(d)
+    networks.append(d_name)
   tree.update({k: host(v) for k, v in loss_vars.items()})
-  networks = list(tree["grain"]["params"]) + [d_name] + list(loss_vars)
   sources = dict(origin, trained_steps=int(state.step), stage=cfg.stage)
   weights_lib.save_weights(path, tree, cfg.model, networks, sources, force=True)
 
@@ -225,6 +237,15 @@ def image_grid(y, out: dict, lr_size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ the loop
+
+def _truncate_log(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if json.loads(line)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> dict:
@@ -272,6 +293,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     state = restored["state"]
     data.set_state(restored["data"])
     log.info("resumed %s at step %d", workdir, int(state.step))
+  metrics_log = os.path.join(workdir, "train_metrics.jsonl")
+  _truncate_log(metrics_log, int(state.step))  # drop lines logged after the checkpoint
 
   step_fn = make_parallel_step(make_train_step(cfg, model, disc, tx, d_tx, set(loss_vars)), mesh)
 
@@ -285,7 +308,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     grain = Grain({"grain": jax.device_get(grain_variables(state))}, cfg.model, stage.runs)
     judged = {"hr_inv": ("hr_inv",), "hr_gan": ("hr_gan", "hr_inv"),
               "hr": ("hr", "hr_inv", "hr_gan")}[stage.output]
-    evaluator = evaluate_lib.Evaluator(grain, n_dev, loss_vars.get("lpips"), outputs=judged)
+    lpips_params = loss_vars.get("lpips", None)
+    if lpips_params is None:
+      lpips_params = evaluate_lib.lpips_params_for(grain, "auto")
+    evaluator = evaluate_lib.Evaluator(grain, n_dev, lpips_params, outputs=judged)
 
   from tensorboardX import SummaryWriter
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
@@ -336,6 +362,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         writer.add_scalar("train/seconds_per_step", sec, done)
         writer.add_scalar("train/skipped_examples", data.skipped(), done)
       log.info("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())))
+      if jax.process_index() == 0:
+        with open(metrics_log, "a") as f:
+          f.write(json.dumps({"step": done, **m}) + "\n")
     if cfg.image_every and (done % cfg.image_every == 0 or done == cfg.max_steps) and writer:
       x = jnp.asarray(host_batch["x"][:1])
       noise = batch_noise(jax.random.key(0), 1, model, int(cfg.model.lr_size), None)

@@ -1,0 +1,236 @@
+"""Training: multi-device equivalence, exact resume, stage hand-off, config handling, a run
+whose loss falls, and train.py from the command line. All on the tiny config (32 <-> 4)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from conftest import ROOT
+from tiny_config import tiny_training
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+# Runs in a subprocess with 4 simulated CPU devices: the same 3 steps (discriminator and R1
+# updates included) on 1, 2 and 4 devices from the same state and global batch.
+EQUIVALENCE = r"""
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from tiny_config import tiny_training
+from grain_jax import optim, trainer
+from grain_jax.model import GRAIN
+from grain_jax.train_step import (build_discriminator, get_stage, make_parallel_step,
+                                  make_train_step)
+
+def run(cfg, variables, d_variables, loss_vars, n):
+  stage = get_stage(cfg.stage)
+  mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+  model = GRAIN.from_config(cfg.model, stage.runs)
+  tx = optim.make_optimizer(cfg.optimizer, cfg.learning_rate)
+  d_tx = optim.make_optimizer(cfg.optimizer, cfg.learning_rate)
+  state = trainer.create_train_state(cfg, variables, d_variables, tx, d_tx)
+  rep = NamedSharding(mesh, P())
+  state, lv = jax.device_put(state, rep), jax.device_put(loss_vars, rep)
+  step = make_parallel_step(make_train_step(cfg, model, build_discriminator(cfg, stage), tx,
+                                            d_tx, set(loss_vars)), mesh)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    b = {k: jax.device_put(rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
+                           NamedSharding(mesh, P("data"))) for k in ("x", "y")}
+    state, metrics = step(state, b, lv)
+  leaves = jax.tree_util.tree_leaves(jax.device_get(
+      (optim.model_params(state.params), optim.model_params(state.d_params),
+       state.d_batch_stats)))
+  return [np.asarray(l) for l in leaves], {k: float(v) for k, v in metrics.items()}
+
+out = {}
+for stage, over, sizes in (("invrrdb", {"loss.lpips": 0.8}, (1, 2)),
+                           ("finetune", {"model.discriminator.stddev_group": 1}, (1, 4))):
+  cfg = tiny_training(stage, **over)
+  v, dv, lv, _ = trainer.initial_variables(cfg)
+  ref, ref_m = run(cfg, v, dv, lv, 1)
+  for n in sizes[1:]:
+    got, m = run(cfg, v, dv, lv, n)
+    scale = max(float(np.abs(a).max()) for a in ref)
+    out[f"{stage}/{n}"] = dict(
+        max_diff=max(float(np.abs(a - b).max()) for a, b in zip(ref, got)), scale=scale,
+        loss=(ref_m["loss"], m["loss"]), d_loss=(ref_m["d_loss"], m["d_loss"]),
+        r1=(ref_m["r1"], m["r1"]))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_two_and_four_devices_match_one_device():
+  """Stage 1 on 2 devices and stage 4 on 4 devices against 1 device (3 steps each)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", EQUIVALENCE, TESTS], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.split("RESULT ", 1)[1])
+  assert set(out) == {"invrrdb/2", "finetune/4"}
+  for case, r in out.items():
+    # Same parameters (trained networks, discriminator, BatchNorm statistics) up to float
+    # summation order; the discriminator and R1 updates ran (step 2 of 3 logs them).
+    assert r["max_diff"] <= 2e-5 * max(r["scale"], 1.0), (case, r)
+    assert abs(r["loss"][0] - r["loss"][1]) <= 1e-4 * abs(r["loss"][0]), (case, r)
+    assert r["d_loss"][0] > 0 and abs(r["d_loss"][0] - r["d_loss"][1]) <= 1e-4, (case, r)
+  assert out["finetune/4"]["r1"][0] > 0
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+  """A folder of small natural pictures (and one unreadable file)."""
+  d = tmp_path_factory.mktemp("train_pictures")
+  for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"):
+    img = Image.fromarray(getattr(skimage.data, name)())
+    img.resize((img.width // 6, img.height // 6), Image.BICUBIC).save(d / f"{name}.png")
+  (d / "broken.png").write_bytes(b"not an image")
+  return str(d)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+  from grain_jax.api import enable_compilation_cache
+  enable_compilation_cache()
+
+
+def _cfg(pictures, stage="invrrdb", **over):
+  over.setdefault("data.crop", "random")
+  over.setdefault("data.random_scale", (0.5, 1.0))
+  return tiny_training(stage, **{"data.train": pictures, **over})
+
+
+def _weights(workdir, group="grain"):
+  from grain_jax import weights
+  tree, _, meta = weights.load_weights(os.path.join(workdir, "weights"))
+  return tree[group], meta
+
+
+def _leaves(tree):
+  import jax
+  return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
+def _log(workdir):
+  with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_interrupted_run_resumes_to_the_same_result(pictures, tmp_path, monkeypatch):
+  from grain_jax import trainer
+  cfg = _cfg(pictures)
+  trainer.train_and_evaluate(cfg, str(tmp_path / "straight"), progress=False)
+
+  # The same run killed during step 3 (after the checkpoint of step 2), then restarted.
+  real = trainer.make_parallel_step
+
+  def crashing(*args, **kw):
+    fn = real(*args, **kw)
+    calls = []
+
+    def step(state, batch, lv):
+      calls.append(1)
+      if len(calls) == 3:
+        raise KeyboardInterrupt("killed")
+      return fn(state, batch, lv)
+    return step
+
+  monkeypatch.setattr(trainer, "make_parallel_step", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
+  monkeypatch.setattr(trainer, "make_parallel_step", real)
+  assert [r["step"] for r in _log(tmp_path / "resumed")] == [1, 2]
+  trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
+
+  a, _ = _weights(tmp_path / "straight")
+  b, meta = _weights(tmp_path / "resumed")
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert meta["sources"]["trained_steps"] == 4
+  straight, resumed = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
+  assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+  assert straight == resumed  # the same batches and losses at every step
+
+
+def test_changed_config_is_refused_on_resume(pictures, tmp_path):
+  from grain_jax import trainer
+  trainer.train_and_evaluate(_cfg(pictures, max_steps=2), str(tmp_path), progress=False)
+  with pytest.raises(trainer.ConfigMismatchError, match=r"loss.l2: checkpoint 1.0, now 2.0"):
+    trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.l2": 2.0}), str(tmp_path),
+                               progress=False)
+  # Run length and reporting may change: this continues the run.
+  trainer.train_and_evaluate(_cfg(pictures, max_steps=3, log_every=3), str(tmp_path),
+                             progress=False)
+  assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 3
+
+
+def test_stage_two_starts_from_stage_one_and_trains_only_fea2code(pictures, tmp_path):
+  from grain_jax import trainer
+  s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+  trainer.train_and_evaluate(_cfg(pictures, max_steps=2), s1, progress=False)
+  w1, _ = _weights(s1)
+  trainer.train_and_evaluate(
+      _cfg(pictures, "fea2code", max_steps=2, **{"init.previous_workdir": s1,
+                                                 "init.random_all": False}), s2, progress=False)
+  w2, meta = _weights(s2)
+  for net in ("rescaler", "generator", "fusion"):  # frozen: carried over unchanged
+    for x, y in zip(_leaves(w1["params"][net]), _leaves(w2["params"][net])):
+      np.testing.assert_array_equal(x, y)
+  changed = [not np.array_equal(x, y) for x, y in zip(_leaves(w1["params"]["fea2code"]),
+                                                      _leaves(w2["params"]["fea2code"]))]
+  assert any(changed)
+  assert "previous stage" in meta["sources"]["rescaler"] and meta["sources"]["stage"] == "fea2code"
+  assert "discriminator" in meta["networks"]
+
+
+def test_missing_weights_are_named(pictures, tmp_path):
+  from grain_jax import trainer
+  cfg = _cfg(pictures, "fea2code", **{"init.random_all": False,
+                                      "init.random_init": ("fea2code", "discriminator")})
+  with pytest.raises(ValueError, match=r"rescaler \(--invrrdb\), generator \(--stylegan2\)"):
+    trainer.train_and_evaluate(cfg, str(tmp_path), progress=False)
+
+
+def test_short_run_loss_falls_and_validation_writes_metrics(pictures, tmp_path):
+  from grain_jax import trainer
+  held = tmp_path / "held"
+  held.mkdir()
+  Image.fromarray(skimage.data.astronaut()[100:164, 200:264]).save(held / "a.png")
+  # Fixed center crops (no random crops or flips): the loss measures fitting, not luck.
+  cfg = _cfg(pictures, max_steps=40, log_every=1, checkpoint_every=40, eval_every=40,
+             image_every=40, **{"loss.adv": 0.0, "data.eval": str(held), "data.crop": "center",
+                                "optimizer.name": "adam", "learning_rate": 3e-3})
+  m = trainer.train_and_evaluate(cfg, str(tmp_path / "run"), progress=False)
+  losses = [r["loss_l2"] for r in _log(tmp_path / "run")]
+  assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
+  assert m["num_images"] == 1 and "hr_inv_psnr" in m and "bicubic_psnr" in m
+  assert os.path.exists(tmp_path / "run" / "metrics.json")
+  assert os.path.exists(tmp_path / "run" / "best" / "grain_weights.json")
+  grid = np.asarray(Image.open(tmp_path / "run" / "images" / "0000040.png"))
+  assert grid.shape == (64, 128, 3)  # the 8 panels, 2 rows of 4
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "run" / "tensorboard"))
+
+
+def test_train_py_with_overrides(pictures, tmp_path):
+  run = lambda *a: subprocess.run(
+      [sys.executable, "train.py", "--config", os.path.join(TESTS, "tiny_config.py"),
+       "--workdir", str(tmp_path / "w"), "--noprogress", *a], cwd=ROOT, capture_output=True,
+      text=True)
+  res = run("--config.max_steps=2", "--config.batch_size=1", "--config.loss.adv=0")
+  assert res.returncode == 2 and "no training data" in res.stderr
+  res = run("--config.max_steps=2", "--config.batch_size=1", "--config.loss.adv=0",
+            f"--config.data.train={pictures}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(tmp_path / "w" / "config.json") as f:
+    saved = json.load(f)
+  assert saved["batch_size"] == 1 and saved["max_steps"] == 2 and saved["loss"]["adv"] == 0
+  import grain_jax
+  g = grain_jax.load(str(tmp_path / "w"))  # a training workdir loads like converted weights
+  assert g.downscale(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 4, 4, 3)

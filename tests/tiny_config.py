@@ -1,0 +1,51 @@
+"""A tiny GRAIN (32 px <-> 4 px, narrow) and a training config for the training tests.
+
+Also a config file for train.py: `--config tests/tiny_config.py` (stage 1 by default).
+"""
+import ml_collections
+
+from configs.training import training_config
+
+
+def tiny_model():
+  return ml_collections.ConfigDict(dict(
+      hr_size=32, lr_size=4,
+      rescaler=dict(nf=8, gc=8, encoder_blocks=1, decoder_blocks=(1, 1), decoder_light_levels=2),
+      fea2code=dict(head_channels=(16, 32), start_from_latent_avg=True),
+      generator=dict(style_dim=32, n_mlp=2, channels=(32, 32, 16, 8), lr_mlp=0.01,
+                     blur_kernel=(1, 3, 3, 1), modconv_impl="scale"),
+      fusion=dict(branch_widths=((8, 8), (8, 8), (8, 8)), out_widths=(8, 8, 8, 8),
+                  se_reduction=4),
+      discriminator=dict(channels=(32, 32, 16, 8), stddev_group=4),
+      patch_discriminator=dict(input_size=32, widths=(8, 16)),
+  ))
+
+
+def tiny_training(stage="invrrdb", **overrides):
+  c = training_config(stage, model=tiny_model())
+  c.init.random_all = True
+  c.init.random_init = ("rescaler", "fea2code", "fusion", "generator", "discriminator",
+                        "patch_discriminator")
+  c.batch_size = 2
+  c.max_steps = 4
+  c.log_every = 1
+  c.image_every = 0
+  c.eval_every = 0
+  c.checkpoint_every = 2
+  c.d_every = 2
+  c.r1_every = 2
+  c.loss.id = 0.0
+  c.loss.lpips = 0.0
+  c.data.workers = 1
+  c.learning_rate = 1e-3
+  for k, v in overrides.items():
+    target = c
+    *path, last = k.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return c
+
+
+def get_config():
+  return tiny_training()

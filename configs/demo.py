@@ -18,7 +18,7 @@ def get_config():
   c = training_config("invrrdb", model=grain_small.model_config())
   c.demo = True
   c.stages = STAGES
-  c.stage_steps = dict(invrrdb=700, fea2code=50, fusion=60, finetune=40)
+  c.stage_steps = dict(invrrdb=600, fea2code=30, fusion=60, finetune=30)
   c.stage_learning_rate = dict(invrrdb=1e-3, fea2code=1e-3, fusion=1e-3, finetune=2e-4)
   # PSNR-oriented demo: the L2 terms only. LPIPS, identity and the adversarial terms are
   # off: an untrained prior and a few minutes of training give them nothing to work with,

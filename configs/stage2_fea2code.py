@@ -1,5 +1,6 @@
-"""GRAIN stage 2:
-Fea2Code only (InvRRDB frozen): L2 + LPIPS + ID + non-saturating GAN on hr_gan (StyleGAN2 D every 5th step, lazy R1).
+"""GRAIN stage 2: Fea2Code only (InvRRDB frozen).
+
+L2 + LPIPS + ID + non-saturating GAN on hr_gan (StyleGAN2 D every 5th step, lazy R1).
 
     python train.py --config configs/stage2_fea2code.py --workdir WORKDIR \
         --config.data.train=FOLDER --config.init.weights=CONVERTED_WEIGHTS \

@@ -73,7 +73,8 @@ def comparison(grain, heldout: str, out_path: str, n: int = 4) -> None:
   x = np.stack([images.to_model(src.load(i)[0]) for i in range(min(n, len(src)))])
   out = grain.upscale(grain.downscale(x))
   bic = metrics.bicubic_resize(quantize(metrics.bicubic_resize(x, grain.lr_size)), grain.hr_size)
-  cols = [x, np.asarray(jax.device_get(bic))] + [np.asarray(out[k]) for k in ("hr_inv", "hr_gan", "hr")]
+  cols = [x, np.asarray(jax.device_get(bic))]
+  cols += [np.asarray(out[k]) for k in ("hr_inv", "hr_gan", "hr")]
   rows = [np.concatenate([images.to_uint8(c[i]) for c in cols], 1) for i in range(len(x))]
   images.write_png(out_path, np.concatenate(rows, 0))
 

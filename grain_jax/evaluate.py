@@ -63,7 +63,9 @@ class Evaluator:
     self.outputs = tuple(outputs) + ("bicubic",)
     if "hr" in outputs:
       grain.require("upscale")
-    needs = {"rescaler"} | ({"fea2code", "generator"} if {"hr", "hr_gan"} & set(outputs) else set())
+    needs = {"rescaler"}
+    if {"hr", "hr_gan"} & set(outputs):
+      needs |= {"fea2code", "generator"}
     if needs - grain.networks:
       raise RuntimeError(f"evaluating {', '.join(outputs)} needs the networks "
                          f"{', '.join(sorted(needs - grain.networks))}")
@@ -240,7 +242,8 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
   for k in ev.names:
     summary[k] = float(np.mean([r[k] for r in rows])) if rows else None
   summary.update(
-      num_resized=report.counts["resized"], failed=report.failed, data=getattr(source, "description", ""),
+      num_resized=report.counts["resized"], failed=report.failed,
+      data=getattr(source, "description", ""),
       hr_size=hr, lr_size=ev.lr_size, batch_size=bsz, devices=len(ev.mesh.devices.flat),
       seconds=round(elapsed, 3), images_per_s=round(len(rows) / elapsed, 4),
       compile_seconds=round(ev.compile_seconds, 3),

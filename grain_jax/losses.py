@@ -67,7 +67,8 @@ def relativistic_generator(fake_logits, real_logits, axis_name: str | None = Non
 
 
 def relativistic_discriminator(real_logits, fake_logits, axis_name: str | None = None):
-  """Stage-1 discriminator loss: (BCE(D(real) - mean D(fake), 1) + BCE(D(fake) - mean D(real), 0)) / 2."""
+  """Stage-1 discriminator loss:
+  (BCE(D(real) - mean D(fake), 1) + BCE(D(fake) - mean D(real), 0)) / 2."""
   real_rel = real_logits - _batch_mean(fake_logits, axis_name)
   fake_rel = fake_logits - _batch_mean(real_logits, axis_name)
   return 0.5 * (_bce_with_logits(real_rel, 1.0) + _bce_with_logits(fake_rel, 0.0))

@@ -1,4 +1,4 @@
-"""The training loop of one GRAIN stage: initial weights, data, steps, logs, checkpoints, validation.
+"""The training loop of one GRAIN stage: weights, data, steps, logs, checkpoints, validation.
 
 `train_and_evaluate(config, workdir)` is what `train.py` runs. The workdir holds
     config.json        the run's config (a restart with another config is refused)

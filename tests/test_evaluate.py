@@ -90,7 +90,8 @@ def test_metrics_match_an_independent_computation_from_the_files(evaluator, smal
     comp = _png(out / "comp" / name)
     np.testing.assert_array_equal(comp[:, 3 * hr:], gt)
     np.testing.assert_array_equal(comp[:, 2 * hr:3 * hr], _png(out / "fusion" / name))
-    want_lpips = small_grain.lpips(_png(out / "fusion" / name)[None] / 127.5 - 1, gt[None] / 127.5 - 1)
+    want_lpips = small_grain.lpips(_png(out / "fusion" / name)[None] / 127.5 - 1,
+                                   gt[None] / 127.5 - 1)
     assert abs(float(row["hr_lpips"]) - float(want_lpips[0])) < 1e-5
     # Baseline: bicubic to an 8-bit LR, bicubic back up (jax.image.resize, antialiased).
     bic_lr = quantize(jax.image.resize(x, (1, 4, 4, 3), "bicubic"))

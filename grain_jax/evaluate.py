@@ -263,7 +263,8 @@ def main(argv=None) -> int:
       prog="python -m grain_jax.evaluate", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True,
-                      help="converted weights directory (convert_weights.py)")
+                      help="converted weights directory (convert_weights.py) or training "
+                           "workdir (train.py; its latest weights)")
   parser.add_argument("--data", required=True,
                       help="a folder of images (searched recursively), an image file, or "
                            "tfds:NAME/SPLIT of a prepared TFDS dataset with an 'image' feature")

@@ -4,9 +4,10 @@
     python -m grain_jax.rescale up   --checkpoint CKPT LR_PNG... --out DIR
 
 INPUT and LR_PNG are image files or folders (searched recursively; the folder structure is
-kept under DIR). CKPT is a converted weights directory (convert_weights.py). Outputs are PNGs
-named after their inputs: NAME.png (the LR image for `down`, the final HR image for `up`;
-`up --save hr,hr_inv,hr_gan` adds NAME_hr_inv.png and NAME_hr_gan.png).
+kept under DIR). CKPT is a converted weights directory (convert_weights.py) or a training
+workdir (train.py). Outputs are PNGs named after their inputs: NAME.png (the LR image for
+`down`, the final HR image for `up`; `up --save hr,hr_inv,hr_gan` adds NAME_hr_inv.png and
+NAME_hr_gan.png).
 
 `down` takes any size: images that are not HR x HR (1024x1024 for the published model) are
 center-cropped to a square and resized with antialiased bicubic interpolation (with a
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
                           ("up", "LR PNGs -> HR PNGs")):
     p = sub.add_parser(direction, help=what, description=what)
     p.add_argument("--checkpoint", required=True,
-                   help="converted weights directory (convert_weights.py)")
+                   help="converted weights directory (convert_weights.py) or training "
+                        "workdir (train.py; its latest weights)")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files or folders" if direction == "down" else
                    "LR PNG files or folders (made by `rescale down`)")

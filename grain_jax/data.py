@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import io
 import os
 from typing import Any, Callable, Iterable, Iterator
@@ -65,6 +66,8 @@ class TfdsSource:
     self.name_key = next((k for k in self.NAME_KEYS if k in features), None)
     self.description = f"tfds:{name}/{split}"
     self._width = len(str(max(len(self.ds) - 1, 0)))
+    # name(i) and load(i) of one item share one record read.
+    self._record = functools.lru_cache(maxsize=256)(lambda i: self.ds[i])
 
   def __len__(self) -> int:
     return len(self.ds)
@@ -72,7 +75,7 @@ class TfdsSource:
   def name(self, i: int) -> str:
     if self.name_key is not None:
       try:
-        v = self.ds[i][self.name_key]
+        v = self._record(i)[self.name_key]
         v = v.decode() if isinstance(v, bytes) else str(v)
         return v.replace(os.sep, "_")
       except Exception:  # a corrupt record is reported by load()
@@ -81,7 +84,7 @@ class TfdsSource:
 
   def load(self, i: int) -> tuple[np.ndarray, str | None]:
     try:
-      with Image.open(io.BytesIO(self.ds[i]["image"])) as img:
+      with Image.open(io.BytesIO(self._record(i)["image"])) as img:
         img.load()
         return images.decode(img)
     except Exception as e:

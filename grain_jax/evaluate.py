@@ -180,7 +180,7 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
   def load(i):
     img, note = source.load(i)
     shape = img.shape[:2]
-    return images.to_model(images.resize_square(img, hr)), note, shape
+    return images.to_model(images.resize_square(img, hr)), note, shape, source.name(i)
 
   written = set()
 
@@ -214,12 +214,12 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
         report.fail(source.name(i), err)
         bar.update(1)
         continue
-      img, note, shape = res
-      report.note(source.name(i), note)
+      img, note, shape, name = res  # the name too is read in the background (TFDS records)
+      report.note(name, note)
       if shape != (hr, hr):
-        report.resized(source.name(i), shape, hr)
+        report.resized(name, shape, hr)
       batch.append(img)
-      names.append(source.name(i))
+      names.append(name)
       if len(batch) == bsz:
         outputs = ev(np.stack(batch))  # dispatched; runs while the previous batch is fetched
         if pending:

@@ -368,7 +368,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     if cfg.image_every and (done % cfg.image_every == 0 or done == cfg.max_steps) and writer:
       x = jnp.asarray(host_batch["x"][:1])
       noise = batch_noise(jax.random.key(0), 1, model, int(cfg.model.lr_size), None)
-      out = preview(jax.device_get(grain_variables(state)), x, noise)
+      out = preview(grain_variables(state), x, noise)  # on device: no round trip to the host
       grid = image_grid(host_batch["y"][:1], out, int(cfg.model.lr_size))
       writer.add_image("train/images", grid, done, dataformats="HWC")
       images.write_png(os.path.join(workdir, "images", f"{done:07d}.png"), grid)

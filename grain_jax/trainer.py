@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grain_jax import images, optim, weights as weights_lib
 from grain_jax.input_pipeline import TrainData
-from grain_jax.model import GRAIN, NETWORKS, init_variables
+from grain_jax.model import GRAIN, NETWORKS, init_variables, placeholder_variables
 from grain_jax.train_step import (AXIS, TrainState, build_discriminator, get_stage,
                                   grain_variables, make_parallel_step, make_train_step)
 
@@ -95,9 +95,13 @@ def _previous_weights(workdir: str) -> str:
   return path
 
 
-def initial_variables(cfg) -> tuple[dict, dict, dict, dict]:
+def initial_variables(cfg, placeholders: bool = False) -> tuple[dict, dict, dict, dict]:
   """(GRAIN variables of the networks the stage runs, discriminator variables,
-  loss-network variables, description of where each came from)."""
+  loss-network variables, description of where each came from).
+
+  placeholders=True: networks without weights get values of the right shapes made on the
+  host instead of a compiled random initialisation (when a checkpoint will replace them).
+  """
   stage = get_stage(cfg.stage)
   grain_params, buffers, others, origin = {}, {}, {}, {}
   for src_name, path in (("weights", cfg.init.weights),
@@ -134,7 +138,8 @@ def initial_variables(cfg) -> tuple[dict, dict, dict, dict]:
     nets = [n for n in nets if n in missing or n not in grain_params]
     log.warning("random initial weights for %s", ", ".join(nets))
     model = GRAIN.from_config(cfg.model, [n for n in NETWORKS if n in set(nets) | set(stage.runs)])
-    fresh = init_variables(model, cfg.seed, int(cfg.model.hr_size))
+    fresh = (placeholder_variables(model, int(cfg.model.hr_size)) if placeholders
+             else init_variables(model, cfg.seed, int(cfg.model.hr_size)))
     for n in nets:
       grain_params[n] = fresh["params"][n]
       origin[n] = f"random (seed {cfg.seed})"
@@ -147,7 +152,10 @@ def initial_variables(cfg) -> tuple[dict, dict, dict, dict]:
     dummy = jnp.zeros((1, hr, hr, 3), jnp.float32)
     key = jax.random.key(cfg.seed + 1, impl="unsafe_rbg")
     kwargs = {"train": False} if stage.discriminator == "patch" else {}
-    others[d_name] = jax.jit(lambda k: disc.init(k, dummy, **kwargs))(key)
+    init = lambda k: disc.init(k, dummy, **kwargs)
+    others[d_name] = (jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                             jax.eval_shape(init, key)) if placeholders
+                      else jax.jit(init)(key))
     origin[d_name] = f"random (seed {cfg.seed + 1})"
   d_variables = others.get(d_name, {"params": {}}) if use_d else {"params": {}}
   loss_vars = {}
@@ -269,7 +277,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(AXIS))
 
-  variables, d_variables, loss_vars, origin = initial_variables(cfg)
+  mgr = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
+                                           enable_async_checkpointing=True))
+  resuming = mgr.latest_step() is not None
+  # On resume the checkpoint replaces every value: skip compiling random initialisers.
+  variables, d_variables, loss_vars, origin = initial_variables(cfg, placeholders=resuming)
   d_name = "patch_discriminator" if stage.discriminator == "patch" else "discriminator"
   model = GRAIN.from_config(cfg.model, stage.runs)
   disc = build_discriminator(cfg, stage)
@@ -283,11 +297,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   data = TrainData(cfg.data, int(cfg.model.hr_size), batch_size // jax.process_count(),
                    cfg.seed, jax.process_index(), jax.process_count())
-  mgr = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
-                                           enable_async_checkpointing=True))
-  if mgr.latest_step() is not None:
+  if resuming:
     restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
     state = restored["state"]

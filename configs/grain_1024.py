@@ -13,6 +13,10 @@ def model_config(hr_size=1024, lr_size=16):
   return ml_collections.ConfigDict(dict(
       hr_size=hr_size,
       lr_size=lr_size,
+      # How to run (not stored with converted weights): 'float32' or 'bfloat16' compute
+      # (params stay float32), and rematerialisation of the heavy blocks in the backward pass.
+      compute_dtype="float32",
+      remat=False,
       rescaler=dict(nf=64, gc=32, encoder_blocks=10,
                     # RRDBs per decoder level from lr_size up; the last `light` levels use one
                     # RRDB2 (4-conv dense block) each.

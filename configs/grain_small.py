@@ -9,6 +9,8 @@ def model_config():
   return ml_collections.ConfigDict(dict(
       hr_size=64,
       lr_size=4,
+      compute_dtype="float32",  # or 'bfloat16' (see configs/grain_1024.py)
+      remat=False,
       rescaler=dict(nf=32, gc=16, encoder_blocks=2, decoder_blocks=(1, 1, 1),
                     decoder_light_levels=2),
       fea2code=dict(head_channels=(64, 128), start_from_latent_avg=True),

@@ -49,7 +49,7 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
       name="ranger", b1=0.95, b2=0.999, eps=1e-5, sync_period=6, slow_step_size=0.5))
   c.d_learning_rate = -1.0  # < 0: same as learning_rate (the original)
   c.loss = ml_collections.ConfigDict(dict(l2=1.0, lr_l2=d["lr_l2"], lpips=0.8, id=0.1, adv=0.01))
-  c.d_every = d["d_every"]
+  c.d_every = d["d_every"]  # discriminator update every N steps (0: never)
   c.r1_gamma = 10.0
   c.r1_every = 16
   c.max_steps = 300000

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from grain_jax import weights as weights_lib
 from grain_jax.model import GRAIN, NETWORKS
@@ -30,7 +31,11 @@ class Grain:
   Methods are available when the weights they need were converted (see `networks`).
   """
 
-  def __init__(self, tree: dict, model_cfg, networks, meta: dict | None = None):
+  def __init__(self, tree: dict, model_cfg, networks, meta: dict | None = None,
+               compute_dtype: str | None = None):
+    if compute_dtype is not None:  # run-time choice: the weights stay float32
+      model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+      model_cfg.compute_dtype = compute_dtype
     self.config = model_cfg
     self.networks = frozenset(networks)
     self.meta = meta or {}
@@ -143,11 +148,15 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   return directory
 
 
-def load(directory: str) -> Grain:
+def load(directory: str, compute_dtype: str | None = None) -> Grain:
   """Loads a converted-weights directory (convert_weights.py) or a training workdir (its
-  latest weights, WORKDIR/weights; WORKDIR/best holds the best validated ones)."""
+  latest weights, WORKDIR/weights; WORKDIR/best holds the best validated ones).
+
+  compute_dtype: 'float32' (default) or 'bfloat16' (mixed precision: about twice as fast on
+  GPUs and TPUs, within about 0.1 dB PSNR; see the README).
+  """
   if (not os.path.exists(os.path.join(directory, weights_lib.META))
       and os.path.exists(os.path.join(directory, "weights", weights_lib.META))):
     directory = os.path.join(directory, "weights")
   tree, cfg, meta = weights_lib.load_weights(directory)
-  return Grain(tree, cfg, meta["networks"], meta)
+  return Grain(tree, cfg, meta["networks"], meta, compute_dtype)

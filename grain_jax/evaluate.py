@@ -105,7 +105,7 @@ class Evaluator:
     if {"hr", "hr_gan"} & set(self.outputs):
       out = m.apply(variables, lr, method=m.upscale)
     else:
-      out = {"hr_inv": m.apply(variables, lr, method=lambda m, lr: m.rescaler.decode(lr)[0])}
+      out = {"hr_inv": m.apply(variables, lr, method=lambda m, lr: m.decode(lr)[0])}
     bic_lr = quantize(metrics.bicubic_resize(x, self.lr_size))
     out["bicubic"] = metrics.bicubic_resize(bic_lr, self.hr_size)
     gt = metrics.quantize_image(x)
@@ -280,12 +280,14 @@ def main(argv=None) -> int:
                            "available)")
   parser.add_argument("--max_images", type=int, default=None, help="evaluate the first N only")
   parser.add_argument("--workers", type=int, default=4, help="background I/O threads")
+  parser.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="bfloat16: mixed precision (float32 weights, faster on GPU/TPU)")
   args = parser.parse_args(argv)
 
   from grain_jax.api import enable_compilation_cache, load
   enable_compilation_cache()
   try:
-    grain = load(args.checkpoint)
+    grain = load(args.checkpoint, args.compute_dtype)
     source = data_lib.open_source(args.data, args.data_dir)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

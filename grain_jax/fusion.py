@@ -44,7 +44,10 @@ class Fusion(nn.Module):
   @classmethod
   def from_config(cls, cfg) -> "Fusion":
     f = cfg.fusion
-    return cls(tuple(tuple(b) for b in f.branch_widths), tuple(f.out_widths), f.se_reduction)
+    # remat: the whole network is recomputed in the backward pass (its full-resolution
+    # activations are then not held alongside the rest of the model's); same params.
+    klass = nn.remat(cls) if cfg.get("remat", False) else cls
+    return klass(tuple(tuple(b) for b in f.branch_widths), tuple(f.out_widths), f.se_reduction)
 
 
 def params_from_torch(state_dict: dict, model: Fusion, dec_channels: int,

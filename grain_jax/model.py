@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,11 @@ class GRAIN(nn.Module):
   generator: Generator | None
   fusion: Fusion | None
   start_from_latent_avg: bool = True
+  # Mixed precision: the networks compute in this dtype (float32 or bfloat16). Parameters
+  # stay float32 where they are kept (optimizer, checkpoints); `apply` casts a copy, so
+  # gradients reach the float32 masters. The quantizer and the returned images are float32.
+  # bfloat16 has float32's exponent range, so no loss scaling is needed.
+  compute_dtype: Any = jnp.float32
 
   @classmethod
   def from_config(cls, cfg, networks=NETWORKS) -> "GRAIN":
@@ -42,43 +49,87 @@ class GRAIN(nn.Module):
     build = {"rescaler": Rescaler.from_config, "fea2code": Fea2Code.from_config,
              "generator": Generator.from_config, "fusion": Fusion.from_config}
     parts = {name: (fn(cfg) if name in networks else None) for name, fn in build.items()}
-    return cls(**parts, start_from_latent_avg=bool(cfg.fea2code.start_from_latent_avg))
+    return cls(**parts, start_from_latent_avg=bool(cfg.fea2code.start_from_latent_avg),
+               compute_dtype=compute_dtype(cfg))
+
+  def apply(self, variables, *args, **kwargs):
+    """Module.apply with the float variables cast to `compute_dtype` (a no-op in float32)."""
+    if self.compute_dtype != jnp.float32:
+      variables = cast_floats(variables, self.compute_dtype)
+    return super().apply(variables, *args, **kwargs)
+
+  def _in(self, x):
+    return x.astype(self.compute_dtype)
+
+  def encode(self, x):
+    """x (N, H, W, 3) in [-1, 1] -> the encoder's unquantized LR, float32."""
+    return self.rescaler.encode(self._in(x)).astype(jnp.float32)
+
+  def decode(self, lr):
+    """LR -> (hr_inv float32, decoder features in compute_dtype)."""
+    hr_inv, features = self.rescaler.decode(self._in(lr))
+    return hr_inv.astype(jnp.float32), features
 
   def downscale(self, x, rng=None, quantized: bool = True):
     """x (N, H, W, 3) in [-1, 1] -> LR; quantized to 8-bit levels (noise if rng is given)."""
-    lr_float = self.rescaler.encode(x)
+    lr_float = self.encode(x)
     return quantize(lr_float, rng) if quantized else lr_float
 
   def codes(self, features):
     """Decoder features -> W+ codes (N, n_latent, style_dim), latent_avg added."""
     codes = self.fea2code(features)
     if self.start_from_latent_avg:
-      codes = codes + self.generator.latent_avg.value
+      codes = codes + self.generator.latent_avg.value.astype(codes.dtype)
     return codes
+
+  def synthesize(self, features, noise="const"):
+    """Decoder features -> (hr_gan float32, W+ codes float32, G features)."""
+    codes = self.codes(features)
+    if not isinstance(noise, str):
+      noise = [self._in(n) for n in noise]
+    hr_gan, _, g_features = self.generator([codes], input_is_latent=True, noise=noise,
+                                           return_features=True)
+    return hr_gan.astype(jnp.float32), codes.astype(jnp.float32), g_features
+
+  def fuse(self, features, g_features):
+    return self.fusion(features, g_features).astype(jnp.float32)
 
   def upscale(self, lr, noise="const"):
     """lr (N, h, w, 3) -> dict(hr_inv, hr_gan, hr, codes) (no hr if built without Fusion)."""
-    hr_inv, features = self.rescaler.decode(lr)
-    codes = self.codes(features)
-    hr_gan, _, g_features = self.generator([codes], input_is_latent=True, noise=noise,
-                                           return_features=True)
+    hr_inv, features = self.decode(lr)
+    hr_gan, codes, g_features = self.synthesize(features, noise)
     out = dict(hr_inv=hr_inv, hr_gan=hr_gan, codes=codes)
     if self.fusion is not None:
-      out["hr"] = self.fusion(features, g_features)
+      out["hr"] = self.fuse(features, g_features)
     return out
 
   def generate(self, w_plus, noise="const"):
     """W+ codes (N, n_latent, style_dim) -> image, with the generator's constant noise."""
-    return self.generator([w_plus], input_is_latent=True, noise=noise)[0]
+    img = self.generator([self._in(w_plus)], input_is_latent=True, noise=noise)[0]
+    return img.astype(jnp.float32)
 
   def __call__(self, x, rng=None, noise="const"):
     """The whole round trip (training forward): dict(lr_float, lr, hr_inv, hr_gan, hr, codes)."""
-    lr_float = self.rescaler.encode(x)
+    lr_float = self.encode(x)
     lr = quantize(lr_float, rng)
     if self.fea2code is None:  # a rescaler-only model (training stage 1)
-      return dict(lr_float=lr_float, lr=lr, hr_inv=self.rescaler.decode(lr)[0])
+      return dict(lr_float=lr_float, lr=lr, hr_inv=self.decode(lr)[0])
     out = self.upscale(lr, noise)
     return dict(lr_float=lr_float, lr=lr, **out)
+
+
+def compute_dtype(cfg):
+  """The model config's `compute_dtype` ('float32' when absent) as a JAX dtype."""
+  name = str(cfg.get("compute_dtype", "float32"))
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
+  return jnp.dtype(name)
+
+
+def cast_floats(tree, dtype):
+  """Casts the floating-point leaves of a pytree to dtype (others unchanged)."""
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
 
 
 def init_variables(model: GRAIN, seed: int, hr_size: int, batch: int = 1):

@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument("--batch_size", type=int, default=1, help="images per call (default 1)")
     p.add_argument("--workers", type=int, default=4, help="background I/O threads")
+    p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: mixed precision (float32 weights, faster on GPU/TPU)")
     if direction == "up":
       p.add_argument("--save", default="hr",
                      help="comma-separated outputs to write: hr (final, NAME.png), hr_inv "
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
   from grain_jax.api import enable_compilation_cache, load
   enable_compilation_cache()
   try:
-    grain = load(args.checkpoint)
+    grain = load(args.checkpoint, args.compute_dtype)
     failed = rescale(args.direction, grain, args.inputs, args.out, args.batch_size, save,
                      args.workers)
   except (OSError, ValueError, RuntimeError) as e:

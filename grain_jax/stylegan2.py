@@ -176,6 +176,7 @@ class Generator(nn.Module):
   lr_mlp: float = 0.01
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
   impl: str = "scale"
+  remat: bool = False  # rematerialise each StyledConv in the backward pass
 
   @property
   def log_size(self) -> int:
@@ -200,12 +201,13 @@ class Generator(nn.Module):
                               name=f"style_{i + 1}") for i in range(self.n_mlp)]
     self.input = self.param("input", nn.initializers.normal(1.0), (1, 4, 4, self.channels[0]))
     bk = tuple(self.blur_kernel)
-    self.conv1 = StyledConv(self.channels[0], False, bk, self.impl)
+    styled = nn.remat(StyledConv) if self.remat else StyledConv
+    self.conv1 = styled(self.channels[0], False, bk, self.impl)
     self.to_rgb1 = ToRGB(False, bk, self.impl)
     convs, to_rgbs = [], []
     for c in self.channels[1:]:
-      convs.append(StyledConv(c, True, bk, self.impl))
-      convs.append(StyledConv(c, False, bk, self.impl))
+      convs.append(styled(c, True, bk, self.impl))
+      convs.append(styled(c, False, bk, self.impl))
       to_rgbs.append(ToRGB(True, bk, self.impl))
     self.convs = convs
     self.to_rgbs = to_rgbs
@@ -288,7 +290,8 @@ class Generator(nn.Module):
   def from_config(cls, cfg, impl: str | None = None) -> "Generator":
     g = cfg.generator
     return cls(cfg.hr_size, g.style_dim, g.n_mlp, tuple(g.channels), g.lr_mlp,
-               tuple(g.blur_kernel), impl or g.get("modconv_impl", "scale"))
+               tuple(g.blur_kernel), impl or g.get("modconv_impl", "scale"),
+               bool(cfg.get("remat", False)))
 
 
 def _styled_from_torch(rd: TorchReader, key: str) -> dict:

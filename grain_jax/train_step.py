@@ -116,18 +116,15 @@ def batch_noise(rng, n_local: int, model: GRAIN, lr_size: int, axis_name: str | 
 def forward(model: GRAIN, variables, x, q_noise, g_noise, stage: Stage) -> dict:
   """Training forward pass up to the stage's output: dict(lr_float, lr, hr_inv[, hr_gan][, hr])."""
   def run(m, x):
-    lr_float = m.rescaler.encode(x)
+    lr_float = m.encode(x)
     lr = quantize_with_noise(lr_float, q_noise)
-    hr_inv, feats = m.rescaler.decode(lr)
+    hr_inv, feats = m.decode(lr)
     out = dict(lr_float=lr_float, lr=lr, hr_inv=hr_inv)
     if stage.output == "hr_inv":
       return out
-    codes = m.codes(feats)
-    hr_gan, _, g_feats = m.generator([codes], input_is_latent=True, noise=list(g_noise),
-                                     return_features=True)
-    out["hr_gan"] = hr_gan
+    out["hr_gan"], _, g_feats = m.synthesize(feats, list(g_noise))
     if stage.output == "hr":
-      out["hr"] = m.fusion(feats, g_feats)
+      out["hr"] = m.fuse(feats, g_feats)
     return out
   return model.apply(variables, x, method=run)
 
@@ -145,6 +142,7 @@ def make_train_step(cfg, model: GRAIN, disc: nn.Module, tx: optax.GradientTransf
   lr_size = int(cfg.model.lr_size)
   patch = stage.discriminator == "patch"
   use_adv = w.adv > 0
+  update_d = use_adv and cfg.d_every > 0  # d_every 0: D frozen (benchmarks time the G step)
   pmean = (lambda t: jax.lax.pmean(t, axis_name)) if axis_name else (lambda t: t)
 
   def d_apply(d_params, d_stats, img):
@@ -223,7 +221,7 @@ def make_train_step(cfg, model: GRAIN, disc: nn.Module, tx: optax.GradientTransf
     d_rng, g_rng = jax.random.split(step_rng)
     n_local = x.shape[0]
     metrics = {"d_loss": jnp.zeros(()), "r1": jnp.zeros(())}
-    if use_adv:
+    if update_d:
       d_noise = batch_noise(d_rng, n_local, model, lr_size, axis_name)
       state, metrics = jax.lax.cond(
           state.step % cfg.d_every == 0,

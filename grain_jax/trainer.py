@@ -38,7 +38,8 @@ log = logging.getLogger("grain_jax.train")
 
 # Fields that may change when a run is resumed: how long it runs and how it reports.
 RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images")
+                     "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images",
+                     "model.compute_dtype", "model.remat")
 
 # The convert_weights.py flag that provides each network.
 CONVERT_FLAG = {"rescaler": "--invrrdb", "fea2code": "--codestylegan", "generator": "--stylegan2",

@@ -26,6 +26,9 @@ class WeightsError(ValueError):
   """A weights directory that is missing, incomplete or of another kind."""
 
 
+RUN_OPTIONS = ("compute_dtype", "remat")
+
+
 def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDict,
                  networks: list[str], sources: dict[str, Any], force: bool = False) -> str:
   """Writes `tree` and its config to `directory`, atomically (temp dir, then rename).
@@ -46,7 +49,9 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, "variables"), tree)
     ckptr.wait_until_finished()
-    meta = dict(format=FORMAT, model=model_cfg.to_dict(), networks=sorted(networks),
+    # compute_dtype and remat are choices of how to run, not part of the weights.
+    model = {k: v for k, v in model_cfg.to_dict().items() if k not in RUN_OPTIONS}
+    meta = dict(format=FORMAT, model=model, networks=sorted(networks),
                 sources=sources)
     with open(os.path.join(tmp, META), "w") as f:
       json.dump(meta, f, indent=1, default=_jsonable)

@@ -1,0 +1,112 @@
+"""Mixed precision (model.compute_dtype) and rematerialisation (model.remat)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grain_jax import losses
+from grain_jax.model import GRAIN, init_variables
+from grain_jax.train_step import STAGES, forward
+from tests.tiny_config import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = tiny_model()
+  variables = init_variables(GRAIN.from_config(cfg), 0, cfg.hr_size)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, cfg.hr_size, cfg.hr_size, 3)).astype(np.float32)
+  return cfg, variables, x
+
+
+def with_options(cfg, **kw):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.update(kw)
+  return cfg
+
+
+def conv_dtypes(fn, *args):
+  """Input dtypes of every convolution in fn's jaxpr (nested jaxprs included)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        found.append(str(eqn.invars[0].aval.dtype))
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if hasattr(sub, "jaxpr"):
+            walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+          elif hasattr(sub, "eqns"):
+            walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_bfloat16_upscale_is_close_to_float32_and_really_bfloat16(tiny):
+  cfg, variables, x = tiny
+  m32 = GRAIN.from_config(cfg)
+  m16 = GRAIN.from_config(with_options(cfg, compute_dtype="bfloat16"))
+  run = lambda m: jax.jit(lambda v, x: m.apply(v, m.apply(v, x, method=m.downscale),
+                                                method=m.upscale))
+  out32, out16 = run(m32)(variables, x), run(m16)(variables, x)
+  for k in ("hr_inv", "hr_gan", "hr"):
+    assert out16[k].dtype == jnp.float32
+    a, b = np.asarray(out32[k]), np.asarray(out16[k])
+    rms = np.sqrt(np.mean(a ** 2))
+    # bfloat16 keeps 8 significant bits: errors of a few per cent of the signal, not more.
+    assert np.sqrt(np.mean((a - b) ** 2)) < 0.05 * rms, k
+    assert not np.array_equal(a, b), k  # the switch did something
+  # The convolutions run in bfloat16 (the quantizer stays float32: LR values are exact).
+  dts = conv_dtypes(lambda v, x: m16.apply(v, x), variables, x)
+  assert dts and dts.count("bfloat16") / len(dts) > 0.9, sorted(set(dts))
+  lr = np.asarray(m16.apply(variables, x, method=m16.downscale))
+  levels = (lr + 1) * 127.5
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def finetune_grads(tiny):
+  """grads(compute_dtype, remat) -> (gradients of a stage-4 loss, the grad's jaxpr text)."""
+  cfg, variables, x = tiny
+  stage = STAGES["finetune"]
+  cache = {}
+
+  def get(dtype, remat):
+    if (dtype, remat) not in cache:
+      m = GRAIN.from_config(with_options(cfg, compute_dtype=dtype, remat=remat))
+      q = np.random.default_rng(1).uniform(-0.5, 0.5, (2, 4, 4, 3)).astype(np.float32)
+      g_noise = [np.zeros((2,) + s[1:], np.float32) for s in m.generator.noise_shapes()]
+
+      def loss(params):
+        out = forward(m, {**variables, "params": params}, x, q, g_noise, stage)
+        return losses.l2(out["hr"], x) + losses.lr_l2(out["lr_float"], x)
+      grad = jax.grad(loss)
+      cache[dtype, remat] = (jax.jit(grad)(variables["params"]),
+                             str(jax.make_jaxpr(grad)(variables["params"])))
+    return cache[dtype, remat]
+  return get
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(np.asarray(g)) for g in jax.tree_util.tree_leaves(tree)])
+
+
+def test_bfloat16_gradients_reach_float32_params(finetune_grads):
+  g32, _ = finetune_grads("float32", False)
+  g16, _ = finetune_grads("bfloat16", False)
+  assert jax.tree_util.tree_structure(g16) == jax.tree_util.tree_structure(g32)
+  assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(g16))
+  a, b = flat(g32), flat(g16)
+  cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  assert 0.99 < cos < 1.0, cos
+
+
+def test_remat_gives_the_same_gradients(finetune_grads):
+  """Remat on: every RRDB, StyledConv and the Fusion net are recomputed in the backward
+  pass (the jaxpr holds checkpoint regions), and the gradients are unchanged."""
+  g, jaxpr = finetune_grads("float32", False)
+  g_remat, jaxpr_remat = finetune_grads("float32", True)
+  assert "checkpoint" not in jaxpr and "remat" not in jaxpr
+  assert jaxpr_remat.count("checkpoint") + jaxpr_remat.count("remat") >= 3
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_remat)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,50 @@
+"""grain_jax.bench keeps working: a tiny config, every kind of case, the JSON it promises."""
+import json
+import math
+import os
+
+from grain_jax import bench
+
+TINY = os.path.join(os.path.dirname(__file__), "tiny_config.py")
+
+
+def test_bench_json_has_every_case_and_number(capsys, small_weights, tmp_path):
+  from grain_jax import data as data_lib, images
+  import numpy as np
+
+  # A few 64 px pictures for the precision measurement (the small weights are 64 <-> 4).
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    images.write_png(str(tmp_path / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), np.uint8))
+  assert len(data_lib.FolderSource(str(tmp_path))) == 2
+  rc = bench.main(["--config", TINY, "--batch_sizes", "1,2", "--stages", "fusion",
+                   "--train_batch", "2", "--repeats", "1", "--json", "--losses", "l2,adv",
+                   "--checkpoint", small_weights, "--data", str(tmp_path)])
+  out = json.loads(capsys.readouterr().out)
+  assert rc == 0
+  assert out["ceiling_tflops"] > 0 and out["device"].startswith("cpu")
+  names = [(c["name"], c["batch"]) for c in out["cases"]]
+  assert names == [("downscale", 1), ("upscale", 1), ("downscale", 2), ("upscale", 2),
+                   ("train_fusion", 2)]
+  for c in out["cases"]:
+    rate = c.get("images_per_s") or 1 / c["step_s"]
+    assert rate > 0 and c["tflop_per_image"] > 0
+    assert math.isclose(c["fraction_of_ceiling"], c["achieved_tflops"] / out["ceiling_tflops"])
+    assert c["xla_memory_gb"] > 0
+  # A batch of 2 costs twice the FLOPs of a batch of 1 per call: the same per image.
+  up = {c["batch"]: c["tflop_per_image"] for c in out["cases"] if c["name"] == "upscale"}
+  assert math.isclose(up[1], up[2], rel_tol=0.05)
+  p = out["precision"]
+  assert p["float32"]["num_images"] == p["bfloat16"]["num_images"] == 2
+  assert abs(p["hr_psnr_change_db"]) < 1.0
+
+
+def test_bench_refuses_bad_arguments(capsys):
+  import pytest
+  for args in (["--stages", "stage9"], ["--batch_sizes", "x"], ["--checkpoint", "w"],
+               ["--losses", "l3"]):
+    with pytest.raises(SystemExit) as e:
+      bench.main(args)
+    assert e.value.code == 2
+  assert bench.main(["--config", "no/such/config.py", "--stages", ""]) == 2
+  assert "no such file" in capsys.readouterr().err

@@ -19,7 +19,7 @@ def get_config():
   c.demo = True
   c.stages = STAGES
   c.stage_steps = dict(invrrdb=520, fea2code=30, fusion=60, finetune=30)
-  c.stage_learning_rate = dict(invrrdb=1e-3, fea2code=1e-3, fusion=1e-3, finetune=2e-4)
+  c.stage_learning_rate = dict(invrrdb=1e-3, fea2code=1e-3, fusion=5e-4, finetune=1e-4)
   # PSNR-oriented demo: the L2 terms only. LPIPS, identity and the adversarial terms are
   # off: an untrained prior and a few minutes of training give them nothing to work with,
   # each costs compilation time, and the GAN terms lower PSNR. (The tests train with them.)
@@ -38,12 +38,20 @@ def get_config():
   c.init.random_init = ("rescaler", "fea2code", "fusion", "generator", "discriminator",
                         "patch_discriminator")
   c.init.random_all = True  # one initialisation (one compilation) for all four networks
+  # The rescaler starts as a box-down / nearest-up resampler and Fusion as a pass-through of
+  # the decoder's image (init.resample_start) rather than from noise: from PyTorch's default
+  # init alone, 10 CPU minutes leave the rescaler ~1-2 dB below bicubic and Fusion far below.
+  c.init.resample_start = True
   c.data.crop = "random"
   c.data.random_scale = (0.2, 0.5)
   c.data.hflip = True
   c.data.workers = 2
   c.data.eval_max_images = 64
   c.optimizer.name = "adam"  # converges faster than Ranger in a few hundred steps
+  # A short warmup keeps Adam's first, sign-sized steps from wrecking the resampler start;
+  # the cosine decay then settles each stage.
+  c.lr_schedule = "cosine"
+  c.warmup_steps = 10
   c.batch_size = 4
   c.loss.id = 0.0  # no IR-SE50 weights ship with any package
   c.log_every = 50

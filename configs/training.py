@@ -29,7 +29,11 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(
       weights="", previous_workdir="",
       random_init=("rescaler", "fea2code", "fusion", "discriminator", "patch_discriminator"),
-      random_all=False))
+      random_all=False,
+      # Randomly initialised rescaler and Fusion start as resamplers (box down, nearest up,
+      # Fusion passing the decoder's image through; rescaler/fusion.resample_init) instead of
+      # from PyTorch's default init alone. For short runs from scratch, such as the demo.
+      resample_start=False))
   c.data = ml_collections.ConfigDict(dict(
       train="",            # folder of images (or source folder) or tfds:NAME/SPLIT
       train_target="",     # optional folder of targets with the same file names (paired data)

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from grain_jax.layers import SqueezeExcite
-from grain_jax.rescaler import conv3x3, lrelu, upsample_nearest
+import numpy as np
+
+from grain_jax.rescaler import CENTER, conv3x3, lrelu, route_signal, upsample_nearest
 from grain_jax.torch_import import TorchReader, check_tree
 
 
@@ -48,6 +50,31 @@ class Fusion(nn.Module):
     # activations are then not held alongside the rest of the model's); same params.
     klass = nn.remat(cls) if cfg.get("remat", False) else cls
     return klass(tuple(tuple(b) for b in f.branch_widths), tuple(f.out_widths), f.se_reduction)
+
+
+def resample_init(params: dict, model: Fusion, n_signal: int = 3) -> dict:
+  """Sets freshly initialised Fusion params so its output starts as the full-resolution
+  decoder feature's first `n_signal` channels minus 1.
+
+  The counterpart of rescaler.resample_init, whose decoder carries the image + 1 in those
+  channels: Fusion then starts near hr_inv instead of from noise. The signal's SE gates
+  are fixed at sigmoid(0) = 1/2 (their fc2 rows are zero) and the next conv doubles it;
+  every other weight keeps its random value. Returns new params.
+  """
+  p = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), params)
+  sig = np.arange(n_signal)
+  p["se3"]["fc2"]["kernel"][..., sig] = 0.0
+  route_signal(p["conv3_0"], sig, CENTER, gain=2.0)
+  for j in range(1, len(model.branch_widths[2])):
+    route_signal(p[f"conv3_{2 * j}"], sig, CENTER)
+  offset = model.branch_widths[0][-1] + model.branch_widths[1][-1]  # z3 in concat(z1, z2, z3)
+  p["se4"]["fc2"]["kernel"][..., offset + sig] = 0.0
+  route_signal(p["out_0"], sig, CENTER, src=offset + sig, gain=2.0)
+  n_out = len(model.out_widths)
+  for j in range(1, n_out):
+    route_signal(p[f"out_{2 * j}"], sig, CENTER)
+  route_signal(p[f"out_{2 * n_out}"], sig, CENTER, bias=-1.0)
+  return p
 
 
 def params_from_torch(state_dict: dict, model: Fusion, dec_channels: int,

@@ -258,3 +258,61 @@ def params_from_torch(state_dict: dict, model: Rescaler) -> dict:
   check_tree("invRRDB", params, expected["params"], rd)
   return {"params": params}
 
+
+# ------------------------------------------------------------------------------ initialisation
+
+CENTER = np.pad(np.ones((1, 1), np.float32), 1)  # a 3x3 kernel that copies its input
+
+
+def route_signal(conv: dict, channels, taps, bias: float = 0.0, src=None, gain: float = 1.0):
+  """Makes output channel c of a 3x3 conv (numpy params, HWIO) read only input channel
+  src[c] through `taps` * gain, with `bias`; other outputs keep their weights."""
+  src = channels if src is None else src
+  k = conv["kernel"]
+  k[:, :, :, channels] = 0.0
+  k[:, :, src, channels] = np.asarray(taps, np.float32)[:, :, None] * gain
+  conv["bias"][channels] = bias
+
+
+def resample_init(params: dict, n_signal: int = 3) -> dict:
+  """Sets freshly initialised rescaler params so the network starts as a plain resampler.
+
+  For training from scratch in a short budget (the CPU demo): the encoder starts as a box
+  (area) downscale and the decoder as a nearest-neighbour upscale, carried by `n_signal`
+  feature channels; every other weight keeps its random value, and the last conv of every
+  dense block starts at zero so that each RRDB starts as the identity (the usual zero-init
+  of residual branches). The carried signal is offset by +1 (images are in [-1, 1]), so the
+  LeakyReLUs on its way leave it unchanged. Training then learns the interpolation and
+  what the LR can hide from this starting point instead of from noise. Returns new params.
+  (fusion.resample_init continues the signal through Fusion.)
+  """
+  p = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), params)
+  route = lambda conv, taps, bias=0.0: route_signal(conv, np.arange(n_signal), taps, bias)
+  box = np.zeros((3, 3), np.float32)  # stride 2, padding 1: rows 2i, 2i+1 of the input
+  box[1:, 1:] = 0.25
+  center, zero = CENTER, np.zeros((3, 3), np.float32)
+
+  def zero_rdb_outputs(tree):
+    for name, sub in tree.items():
+      if name.startswith("RDB"):
+        last = max((k for k in sub if k.startswith("conv")), key=lambda k: int(k[4:]))
+        sub[last]["kernel"][:] = 0.0
+        sub[last]["bias"][:] = 0.0
+      elif isinstance(sub, dict):
+        zero_rdb_outputs(sub)
+
+  enc, dec = p["encoder"], p["decoder"]
+  route(enc["conv_first"], center, 1.0)
+  for name in sorted(k for k in enc if k.startswith("body_")):
+    route(enc[name], box)
+  route(enc["trunk_conv"], zero)
+  route(enc["out_0"], center)
+  route(enc["out_2"], center, -1.0)
+  route(dec["conv_first"], center, 1.0)
+  for name in (k for k in dec if k.endswith("_trunk_conv")):
+    route(dec[name], zero)
+  route(dec["out_0"], center)
+  route(dec["out_2"], center)
+  route(dec["out_4"], center, -1.0)
+  zero_rdb_outputs(p)
+  return p

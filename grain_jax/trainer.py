@@ -28,7 +28,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import images, optim, weights as weights_lib
+from grain_jax import fusion as fusion_lib, images, optim, rescaler as rescaler_lib
+from grain_jax import weights as weights_lib
 from grain_jax.input_pipeline import TrainData
 from grain_jax.model import GRAIN, NETWORKS, init_variables, placeholder_variables
 from grain_jax.train_step import (AXIS, TrainState, build_discriminator, get_stage,
@@ -144,6 +145,11 @@ def initial_variables(cfg, placeholders: bool = False) -> tuple[dict, dict, dict
     for n in nets:
       grain_params[n] = fresh["params"][n]
       origin[n] = f"random (seed {cfg.seed})"
+      if cfg.init.get("resample_start") and n in ("rescaler", "fusion"):
+        grain_params[n] = (
+            rescaler_lib.resample_init(grain_params[n]) if n == "rescaler" else
+            fusion_lib.resample_init(grain_params[n], fusion_lib.Fusion.from_config(cfg.model)))
+        origin[n] += ", starting as a resampler (init.resample_start)"
       if n == "generator":
         buffers["generator"] = fresh["buffers"]["generator"]
   if use_d and d_name not in others:

@@ -169,3 +169,36 @@ def test_pickled_code_is_refused(tmp_path):
   r = convert_cli(tmp_path / "o", "--fusion", str(path))
   assert r.returncode != 0 and "refused" in r.stderr
   assert not (tmp_path / "pwned").exists()
+
+
+def test_resample_init_starts_as_box_down_nearest_up():
+  """init.rescaler='resample': a fresh rescaler that downscales by area averaging and
+  upscales by pixel repetition, with every dense block's residual branch at zero."""
+  from tests.tiny_config import tiny_model
+  model = rescaler.Rescaler.from_config(tiny_model())  # 32 <-> 4
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  p = rescaler.resample_init(params)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  lr = model.apply({"params": p}, x, method=model.encode)
+  np.testing.assert_allclose(lr, x.reshape(2, 4, 8, 4, 8, 3).mean((2, 4)), atol=1e-5)
+  q = np.asarray(rescaler.quantize(lr))
+  hr, _ = model.apply({"params": p}, q, method=model.decode)
+  np.testing.assert_allclose(hr, np.repeat(np.repeat(q, 8, 1), 8, 2), atol=1e-5)
+  rdb_last = p["decoder"]["level0_RRDB_0"]["RDB1"]["conv5"]["kernel"]
+  assert not rdb_last.any()
+  # The input params are left as they were; other weights keep their random values.
+  assert np.asarray(params["decoder"]["level0_RRDB_0"]["RDB1"]["conv5"]["kernel"]).any()
+  k = p["decoder"]["out_0"]["kernel"]
+  np.testing.assert_array_equal(k[..., 3:], np.asarray(params["decoder"]["out_0"]["kernel"])[..., 3:])
+
+
+def test_fusion_resample_init_passes_the_decoder_image_through():
+  from grain_jax.fusion import Fusion, resample_init
+  from tests.tiny_config import tiny_model
+  model = Fusion.from_config(tiny_model())
+  rng = np.random.default_rng(0)
+  dec = [jnp.asarray(rng.uniform(0, 2, (2, s, s, 8)), jnp.float32) for s in (8, 16, 32)]
+  g = [jnp.asarray(rng.standard_normal((2, s, s, c)), jnp.float32) for s, c in ((8, 32), (16, 16), (32, 8))]
+  params = model.init(jax.random.key(0), dec, g)["params"]
+  out = model.apply({"params": resample_init(params, model)}, dec, g)
+  np.testing.assert_allclose(out, dec[-1][..., :3] - 1.0, atol=1e-5)

@@ -10,11 +10,11 @@ weights of the config's shapes (the cost does not depend on the values):
   * training: seconds per step of each stage, every loss on (L2, LR-L2, LPIPS, identity,
     adversarial; --losses picks fewer), the discriminator update not included (it runs every d_every steps;
     --d_update also times a step that includes it, R1 too);
-  * FLOPs per image from XLA's cost analysis of the compiled program, the TFLOP/s this
+  * FLOPs per image from XLA's cost analysis of the program (its HLO, as lowered), the TFLOP/s this
     achieves, and the TFLOP/s of one large 3x3 convolution timed on the same device in the
     same run: its ratio (fraction_of_ceiling) is what stays comparable across busy machines;
   * memory: XLA's estimate for the compiled program (arguments + outputs + temporaries)
-    and, where the device reports it (GPU, TPU), the peak bytes in use so far.
+    and the peak so far: bytes in use on a GPU/TPU, the process's resident memory on CPU.
   * with --checkpoint and --data: hr PSNR of those weights on those images in float32 and
     in bfloat16 (the numerical effect of mixed precision).
 `--json` prints one JSON object instead of the table.
@@ -64,8 +64,12 @@ def device_description() -> str:
 
 
 def timed(fn, args, repeats: int) -> float:
-  """Median wall seconds of fn(*args) over `repeats` calls, after one warm-up call."""
+  """Median wall seconds of fn(*args) over `repeats` calls, after one warm-up call
+  (repeats=0: the first call itself, for cases too slow to run twice)."""
+  t = time.perf_counter()
   jax.block_until_ready(fn(*args))
+  if repeats == 0:
+    return time.perf_counter() - t
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
@@ -74,8 +78,10 @@ def timed(fn, args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def compiled_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
+def program_flops(lowered) -> float:
+  """FLOPs of a lowered program, from XLA's cost analysis of its HLO before backend
+  optimisation (a GPU's compiled program hides its convolutions in library calls)."""
+  cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", 0.0))
@@ -91,8 +97,13 @@ def compiled_memory_gb(compiled) -> float | None:
 
 
 def device_peak_gb() -> float | None:
+  """Peak bytes in use on the device so far; on CPU (which reports none) the process's peak
+  resident memory, compilation included."""
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
+  if peak is None and jax.devices()[0].platform == "cpu":
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
   return None if peak is None else peak / 2 ** 30
 
 
@@ -106,7 +117,7 @@ def conv_ceiling(dtype, repeats: int) -> dict:
   conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
   flops = 2.0 * 9 * c * c * hw * hw * n
-  t = timed(conv, (x, w), repeats)
+  t = timed(conv, (x, w), max(3, repeats))
   return dict(shape=f"{n}x{hw}x{hw}x{c} -> {c}, 3x3", tflop=flops / 1e12, seconds=t,
               tflops=flops / t / 1e12)
 
@@ -139,14 +150,15 @@ def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log) -> list[d
                           ("upscale", up, jnp.zeros((b, lr_size, lr_size, 3), jnp.float32))):
       try:
         t = time.perf_counter()
-        compiled = fn.lower(variables, arg).compile()
+        lowered = fn.lower(variables, arg)
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t
         seconds = timed(compiled, (variables, arg), repeats)
       except Exception as e:  # e.g. out of memory at a large batch: report, go on
         cases.append(dict(name=name, batch=b, error=f"{type(e).__name__}: {str(e)[:200]}"))
         log(f"  {name} batch {b}: {cases[-1]['error']}")
         continue
-      case = _case(name, b, seconds, compiled_flops(compiled), ceiling, compiled)
+      case = _case(name, b, seconds, program_flops(lowered), ceiling, compiled)
       case["compile_s"] = compile_s
       cases.append(case)
       log(row(case))
@@ -195,12 +207,14 @@ def bench_train(cfg, stages, batch: int, ceiling: float, repeats: int, d_update:
       state = trainer.create_train_state(tcfg, variables, d_vars, tx, tx)
       try:
         t = time.perf_counter()
-        compiled = step.lower(state, batch_arrays, loss_vars).compile()
+        lowered = step.lower(state, batch_arrays, loss_vars)
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t
-        flops = compiled_flops(compiled)
+        flops = program_flops(lowered)
+        t = time.perf_counter()
         state, m = compiled(state, batch_arrays, loss_vars)  # warm-up (state is donated)
         jax.block_until_ready(m)
-        times = []
+        times = [time.perf_counter() - t] if repeats == 0 else []
         for _ in range(repeats):
           if d_every:
             state = state.replace(step=jnp.zeros((), jnp.int32))  # D update and R1
@@ -266,7 +280,7 @@ def row(c: dict) -> str:
     return f"  {c['name']:<24} {c['batch']:>5}  {c['error']}"
   rate = (f"{c['images_per_s']:10.3f} img/s" if "images_per_s" in c
           else f"{c['step_s']:10.3f} s/step")
-  mem = c.get("peak_device_gb") or c.get("xla_memory_gb")
+  mem = c.get("xla_memory_gb") or c.get("peak_device_gb")
   mem_s = f"{mem:7.2f}" if mem is not None else "      -"
   return (f"  {c['name']:<24} {c['batch']:>5} {rate} {c['tflop_per_image']:9.3f} "
           f"{c['achieved_tflops']:9.3f} {100 * c['fraction_of_ceiling']:6.1f}% {mem_s}")
@@ -321,7 +335,9 @@ def main(argv=None) -> int:
                  help="loss terms of the timed training step (default: all, as in training)")
   p.add_argument("--d_update", action="store_true",
                  help="also time a training step that includes the discriminator update")
-  p.add_argument("--repeats", type=int, default=3, help="timed calls per case (median)")
+  p.add_argument("--repeats", type=int, default=3,
+                 help="timed calls per case, after a warm-up call (median); 0 times the first "
+                      "call (compilation is never timed: programs are compiled ahead)")
   p.add_argument("--checkpoint", default="",
                  help="trained weights (or a training workdir): also measure hr PSNR on --data "
                       "in float32 and bfloat16 (the numerical effect of mixed precision)")
@@ -337,8 +353,8 @@ def main(argv=None) -> int:
   bad = [s for s in stages if s not in STAGE_NAMES]
   if bad:
     p.error(f"--stages: unknown {bad}; choose from {', '.join(STAGE_NAMES)}")
-  if min(sizes + [a.train_batch, a.repeats]) < 1:
-    p.error("batch sizes and --repeats must be >= 1")
+  if min(sizes + [a.train_batch]) < 1 or a.repeats < 0:
+    p.error("batch sizes must be >= 1 and --repeats >= 0")
   losses = [k.strip() for k in a.losses.split(",") if k.strip()]
   if set(losses) - set(LOSSES) or not losses:
     p.error(f"--losses: choose from {', '.join(LOSSES)}")

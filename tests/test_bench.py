@@ -17,15 +17,15 @@ def test_bench_json_has_every_case_and_number(capsys, small_weights, tmp_path):
   for i in range(2):
     images.write_png(str(tmp_path / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), np.uint8))
   assert len(data_lib.FolderSource(str(tmp_path))) == 2
-  rc = bench.main(["--config", TINY, "--batch_sizes", "1,2", "--stages", "fusion",
-                   "--train_batch", "2", "--repeats", "1", "--json", "--losses", "l2,adv",
+  rc = bench.main(["--config", TINY, "--batch_sizes", "1,2", "--stages", "invrrdb",
+                   "--train_batch", "2", "--repeats", "1", "--json", "--losses", "l2,lr_l2",
                    "--checkpoint", small_weights, "--data", str(tmp_path)])
   out = json.loads(capsys.readouterr().out)
   assert rc == 0
   assert out["ceiling_tflops"] > 0 and out["device"].startswith("cpu")
   names = [(c["name"], c["batch"]) for c in out["cases"]]
   assert names == [("downscale", 1), ("upscale", 1), ("downscale", 2), ("upscale", 2),
-                   ("train_fusion", 2)]
+                   ("train_invrrdb", 2)]
   for c in out["cases"]:
     rate = c.get("images_per_s") or 1 / c["step_s"]
     assert rate > 0 and c["tflop_per_image"] > 0

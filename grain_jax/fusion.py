@@ -12,10 +12,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from grain_jax.layers import SqueezeExcite
 import numpy as np
 
+from grain_jax.layers import SqueezeExcite
 from grain_jax.rescaler import CENTER, conv3x3, lrelu, route_signal, upsample_nearest
 from grain_jax.torch_import import TorchReader, check_tree
 

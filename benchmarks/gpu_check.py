@@ -91,8 +91,7 @@ def main():
   log("")
   log(f"GRAIN {cfg.hr_size} on {bench.device_description()}; ceilings "
       + ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in ceilings.items()))
-  log(f"  {'case':<24} {'batch':>5} {'rate':>16} {'TFLOP/img':>9} {'TFLOP/s':>9} "
-      f"{'ceil%':>7} {'mem GB':>7}  dtype")
+  log(bench.HEADER + "  dtype")
   for r in rows:
     log(bench.row(r) + f"  {r['compute_dtype']}{' remat' if r['remat'] else ''}")
   log(f"total {time.perf_counter() - t0:.0f} s")

@@ -173,15 +173,14 @@ def bench_train(cfg, stages, batch: int, ceiling: float, repeats: int, d_update:
   from configs.training import training_config
   from grain_jax import irse50, optim, trainer
   from grain_jax.lpips import LPIPS
-  from grain_jax.model import GRAIN, NETWORKS, placeholder_variables
+  from grain_jax.model import GRAIN, NETWORKS, placeholder_tree, placeholder_variables
   from grain_jax.train_step import (build_discriminator, get_stage, make_parallel_step,
                                     make_train_step)
 
   hr = int(cfg.hr_size)
   all_vars = placeholder_variables(GRAIN.from_config(cfg), hr)
-  host_init = lambda init, *shapes: _placeholder(init, *shapes)
-  loss_vars = {"lpips": host_init(LPIPS().init, (1, 64, 64, 3), (1, 64, 64, 3)),
-               "irse50": host_init(irse50.IRSE50().init, (1, 112, 112, 3))}
+  loss_vars = {"lpips": placeholder_tree(LPIPS().init, (1, 64, 64, 3), (1, 64, 64, 3)),
+               "irse50": placeholder_tree(irse50.IRSE50().init, (1, 112, 112, 3))}
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   rng = np.random.default_rng(0)
   batch_arrays = {k: rng.uniform(-1, 1, (batch, hr, hr, 3)).astype(np.float32) for k in "xy"}
@@ -193,7 +192,7 @@ def bench_train(cfg, stages, batch: int, ceiling: float, repeats: int, d_update:
         tcfg.loss[k] = 0.0
     stage = get_stage(name)
     kw = {"train": False} if stage.discriminator == "patch" else {}
-    d_vars = host_init(lambda k, x: build_discriminator(tcfg, stage, None).init(k, x, **kw),
+    d_vars = placeholder_tree(lambda k, x: build_discriminator(tcfg, stage, None).init(k, x, **kw),
                        (1, hr, hr, 3))
     tx = optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate)
     variables = {"params": {n: all_vars["params"][n] for n in NETWORKS},
@@ -259,20 +258,6 @@ def precision_effect(checkpoint: str, data: str, max_images: int, log) -> dict:
       f"hr_inv {out['float32']['hr_inv_psnr']:.3f} -> {out['bfloat16']['hr_inv_psnr']:.3f}; "
       f"{out['float32']['num_images']} images of {data}")
   return out
-
-
-def _placeholder(init, *shapes):
-  """Small random variables of a module, made on the host (no initialiser compilation);
-  BatchNorm variances are 1 so that the networks give finite outputs."""
-  tree = jax.eval_shape(init, jax.random.key(0),
-                        *[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
-  rng = np.random.default_rng(0)
-
-  def value(path, s):
-    if "var" in jax.tree_util.keystr(path):
-      return np.ones(s.shape, s.dtype)
-    return (0.02 * rng.standard_normal(s.shape)).astype(s.dtype)
-  return jax.tree_util.tree_map_with_path(value, tree)
 
 
 def row(c: dict) -> str:

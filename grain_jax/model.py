@@ -143,16 +143,26 @@ def init_variables(model: GRAIN, seed: int, hr_size: int, batch: int = 1):
   return jax.jit(model.init)(rng, jnp.zeros((batch, hr_size, hr_size, 3), jnp.float32))
 
 
-def placeholder_variables(model: GRAIN, hr_size: int, seed: int = 0):
-  """Variables of the right shapes and small random values, made on the host in seconds.
+def placeholder_tree(init, *shapes, seed: int = 0):
+  """Variables of `init(rng, *inputs)` (float32 inputs of `shapes`) with small random values,
+  made on the host in seconds; BatchNorm variances are 1 so the networks stay finite.
 
   For timing and memory measurements only (the cost does not depend on the values): it
   skips compiling Flax's random initialisers, which takes minutes at 1024 on a CPU.
   """
   import numpy as np
 
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, hr_size, hr_size, 3), jnp.float32))
+  tree = jax.eval_shape(init, jax.random.key(0),
+                        *[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
   rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+  def value(path, s):
+    if "var" in jax.tree_util.keystr(path):
+      return np.ones(s.shape, s.dtype)
+    return (0.02 * rng.standard_normal(s.shape)).astype(s.dtype)
+  return jax.tree_util.tree_map_with_path(value, tree)
+
+
+def placeholder_variables(model: GRAIN, hr_size: int, seed: int = 0):
+  """`placeholder_tree` of a GRAIN model's variables."""
+  return placeholder_tree(model.init, (1, hr_size, hr_size, 3), seed=seed)

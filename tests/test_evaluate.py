@@ -12,7 +12,7 @@ import pytest
 import skimage.metrics
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from grain_jax import data, evaluate, images
 from grain_jax.rescaler import lr_to_uint8, quantize
 from test_images_metrics import make_tfds_dataset
@@ -128,7 +128,8 @@ def test_tfds_split_with_a_corrupt_record(evaluator, tmp_path):
 def test_two_devices_give_the_same_metrics(evaluator, small_weights, folder, tmp_path):
   one = tmp_path / "one"
   evaluate.evaluate(evaluator, data.FolderSource(str(folder)), str(one), progress=False)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
+             JAX_PLATFORMS="cpu")
   run = lambda *a: subprocess.run(
       [sys.executable, "-m", "grain_jax.evaluate", "--checkpoint", small_weights, "--data",
        str(folder), *a], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from tiny_config import tiny_training
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +68,7 @@ print("RESULT " + json.dumps(out))
 
 def test_two_and_four_devices_match_one_device():
   """Stage 1 on 2 devices and stage 4 on 4 devices against 1 device (3 steps each)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu")
   res = subprocess.run([sys.executable, "-c", EQUIVALENCE, TESTS], cwd=ROOT, env=env,
                        capture_output=True, text=True)

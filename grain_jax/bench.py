@@ -15,6 +15,8 @@ weights of the config's shapes (the cost does not depend on the values):
     same run: its ratio (fraction_of_ceiling) is what stays comparable across busy machines;
   * memory: XLA's estimate for the compiled program (arguments + outputs + temporaries)
     and the peak so far: bytes in use on a GPU/TPU, the process's resident memory on CPU.
+  * --compile_only: no timing, just the FLOPs and XLA's memory estimate of each program (for
+    programs too big or too slow to run on this machine, e.g. stage 4 at 1024 on a CPU);
   * with --checkpoint and --data: hr PSNR of those weights on those images in float32 and
     in bfloat16 (the numerical effect of mixed precision).
 `--json` prints one JSON object instead of the table.
@@ -123,7 +125,11 @@ def conv_ceiling(dtype, repeats: int) -> dict:
 
 
 def _case(name, batch, seconds, flops, ceiling, compiled, per="image") -> dict:
+  """One measured case; seconds=None for a program compiled but not run (--compile_only)."""
   out = dict(name=name, batch=batch)
+  if seconds is None:
+    return dict(out, compiled_only=True, tflop_per_image=flops / batch / 1e12,
+                xla_memory_gb=compiled_memory_gb(compiled), peak_device_gb=device_peak_gb())
   if per == "image":
     out["images_per_s"] = batch / seconds
   out["step_s" if per == "step" else "seconds"] = seconds
@@ -135,7 +141,8 @@ def _case(name, batch, seconds, flops, ceiling, compiled, per="image") -> dict:
   return out
 
 
-def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log) -> list[dict]:
+def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log,
+                  compile_only: bool = False) -> list[dict]:
   from grain_jax.model import GRAIN, placeholder_variables
 
   model = GRAIN.from_config(cfg)
@@ -153,7 +160,7 @@ def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log) -> list[d
         lowered = fn.lower(variables, arg)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t
-        seconds = timed(compiled, (variables, arg), repeats)
+        seconds = None if compile_only else timed(compiled, (variables, arg), repeats)
       except Exception as e:  # e.g. out of memory at a large batch: report, go on
         cases.append(dict(name=name, batch=b, error=f"{type(e).__name__}: {str(e)[:200]}"))
         log(f"  {name} batch {b}: {cases[-1]['error']}")
@@ -169,7 +176,7 @@ LOSSES = ("l2", "lr_l2", "lpips", "id", "adv")
 
 
 def bench_train(cfg, stages, batch: int, ceiling: float, repeats: int, d_update: bool,
-                log, losses=LOSSES) -> list[dict]:
+                log, losses=LOSSES, compile_only: bool = False) -> list[dict]:
   from configs.training import training_config
   from grain_jax import irse50, optim, trainer
   from grain_jax.lpips import LPIPS
@@ -210,6 +217,12 @@ def bench_train(cfg, stages, batch: int, ceiling: float, repeats: int, d_update:
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t
         flops = program_flops(lowered)
+        if compile_only:
+          case = _case(f"train_{name}" + ("" if label == "step" else "_with_d"), batch, None,
+                       flops, ceiling, compiled, per="step")
+          cases.append(dict(case, compile_s=compile_s))
+          log(row(cases[-1]))
+          continue
         t = time.perf_counter()
         state, m = compiled(state, batch_arrays, loss_vars)  # warm-up (state is donated)
         jax.block_until_ready(m)
@@ -261,12 +274,15 @@ def precision_effect(checkpoint: str, data: str, max_images: int, log) -> dict:
 
 
 def row(c: dict) -> str:
-  if "error" in c and "achieved_tflops" not in c:
+  if "error" in c and "tflop_per_image" not in c:
     return f"  {c['name']:<24} {c['batch']:>5}  {c['error']}"
-  rate = (f"{c['images_per_s']:10.3f} img/s" if "images_per_s" in c
-          else f"{c['step_s']:10.3f} s/step")
   mem = c.get("xla_memory_gb") or c.get("peak_device_gb")
   mem_s = f"{mem:7.2f}" if mem is not None else "      -"
+  if c.get("compiled_only"):
+    return (f"  {c['name']:<24} {c['batch']:>5} {'compiled only':>16} "
+            f"{c['tflop_per_image']:9.3f} {'-':>9} {'-':>7} {mem_s}")
+  rate = (f"{c['images_per_s']:10.3f} img/s" if "images_per_s" in c
+          else f"{c['step_s']:10.3f} s/step")
   return (f"  {c['name']:<24} {c['batch']:>5} {rate} {c['tflop_per_image']:9.3f} "
           f"{c['achieved_tflops']:9.3f} {100 * c['fraction_of_ceiling']:6.1f}% {mem_s}")
 
@@ -278,7 +294,7 @@ HEADER = (f"  {'case':<24} {'batch':>5} {'rate':>16} {'TFLOP/img':>9} {'TFLOP/s'
 def run(config: str = "1024", batch_sizes=(1,), stages=STAGE_NAMES, train_batch: int = 1,
         compute_dtype: str = "float32", remat: bool = False, repeats: int = 3,
         d_update: bool = False, checkpoint: str = "", data: str = "", max_images: int = 16,
-        losses=LOSSES, log=print) -> dict:
+        losses=LOSSES, compile_only: bool = False, log=print) -> dict:
   """Runs the benchmark; returns the JSON-able result (see the module docstring)."""
   cfg = model_config(config)
   cfg.compute_dtype = compute_dtype
@@ -286,18 +302,19 @@ def run(config: str = "1024", batch_sizes=(1,), stages=STAGE_NAMES, train_batch:
   ceiling = conv_ceiling(jnp.dtype(compute_dtype), repeats)
   result = dict(device=device_description(), config=config, hr_size=int(cfg.hr_size),
                 lr_size=int(cfg.lr_size), compute_dtype=compute_dtype, remat=remat,
-                jax_version=jax.__version__, ceiling_tflops=ceiling["tflops"],
-                ceiling=ceiling, cases=[])
+                compile_only=compile_only, jax_version=jax.__version__,
+                ceiling_tflops=ceiling["tflops"], ceiling=ceiling, cases=[])
   log(f"{result['device']}; GRAIN {cfg.hr_size} <-> {cfg.lr_size}, {compute_dtype}"
       f"{', remat' if remat else ''}")
   log(f"ceiling: one {ceiling['shape']} convolution, {ceiling['tflops']:.3f} TFLOP/s "
       f"({compute_dtype})")
   log(HEADER)
   if batch_sizes:
-    result["cases"] += bench_rescale(cfg, batch_sizes, ceiling["tflops"], repeats, log)
+    result["cases"] += bench_rescale(cfg, batch_sizes, ceiling["tflops"], repeats, log,
+                                     compile_only)
   if stages:
     result["cases"] += bench_train(cfg, stages, train_batch, ceiling["tflops"], repeats,
-                                   d_update, log, losses)
+                                   d_update, log, losses, compile_only)
   if checkpoint:
     result["precision"] = precision_effect(checkpoint, data, max_images, log)
   return result
@@ -323,6 +340,9 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=3,
                  help="timed calls per case, after a warm-up call (median); 0 times the first "
                       "call (compilation is never timed: programs are compiled ahead)")
+  p.add_argument("--compile_only", action="store_true",
+                 help="compile every program and report its FLOPs and XLA's memory estimate "
+                      "without running it (for programs too big or slow for this machine)")
   p.add_argument("--checkpoint", default="",
                  help="trained weights (or a training workdir): also measure hr PSNR on --data "
                       "in float32 and bfloat16 (the numerical effect of mixed precision)")
@@ -348,7 +368,7 @@ def main(argv=None) -> int:
   log = (lambda *_: None) if a.json else (lambda s: print(s, flush=True))
   try:
     result = run(a.config, sizes, stages, a.train_batch, a.compute_dtype, a.remat, a.repeats,
-                 a.d_update, a.checkpoint, a.data, a.max_images, losses, log)
+                 a.d_update, a.checkpoint, a.data, a.max_images, losses, a.compile_only, log)
   except (OSError, ValueError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

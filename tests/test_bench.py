@@ -48,3 +48,20 @@ def test_bench_refuses_bad_arguments(capsys):
     assert e.value.code == 2
   assert bench.main(["--config", "no/such/config.py", "--stages", ""]) == 2
   assert "no such file" in capsys.readouterr().err
+
+
+def test_compile_only_reports_flops_and_memory_without_running(capsys):
+  """--compile_only (for programs too big to run here): FLOPs and XLA's memory plan, no rate;
+  with --remat the program holds the recomputation (more FLOPs per step)."""
+  flops = {}
+  for remat in ([], ["--remat"]):
+    rc = bench.main(["--config", TINY, "--batch_sizes", "", "--stages", "invrrdb",
+                     "--losses", "l2", "--compile_only", "--json", *remat])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["compile_only"] and out["remat"] == bool(remat)
+    (case,) = out["cases"]
+    assert case["compiled_only"] and "step_s" not in case and "images_per_s" not in case
+    assert case["xla_memory_gb"] > 0 and case["compile_s"] > 0
+    flops[bool(remat)] = case["tflop_per_image"]
+  assert flops[True] > 1.05 * flops[False], flops
+  assert "compiled only" in bench.row(case)

@@ -157,3 +157,29 @@ def prefetch(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 4,
 
 
 _END = object()
+
+
+def batches(stream: Iterable[tuple[Any, Any, BaseException | None]], batch_size: int,
+            on_error: Callable[[Any, BaseException], None]) -> Iterator[list[tuple[Any, Any]]]:
+  """Groups a `prefetch` stream into lists of `batch_size` (item, result) pairs, in order; the
+  last list may be shorter. A failed item goes to on_error(item, exc) and is left out."""
+  batch = []
+  for item, res, err in stream:
+    if err is not None:
+      on_error(item, err)
+      continue
+    batch.append((item, res))
+    if len(batch) == batch_size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def pad_batch(arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+  """Stacks `arrays` and appends zero rows up to `batch_size` (programs are compiled for one
+  batch shape; the padding's results are dropped by the caller)."""
+  x = np.stack(arrays)
+  if len(arrays) < batch_size:
+    x = np.concatenate([x, np.zeros((batch_size - len(arrays),) + x.shape[1:], x.dtype)])
+  return x

@@ -204,33 +204,26 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
                                     {k: v[j] for k, v in host.items() if k.startswith("img_")}))
     bar.update(len(names))
 
+  def on_error(i, err):
+    report.fail(source.name(i), err)
+    bar.update(1)
+
   t0 = time.perf_counter()
   writes = []
   with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as writer:
-    batch, names, pending = [], [], None
+    pending = None
     stream = data_lib.prefetch(load, range(n), workers=workers, depth=2 * bsz + workers)
-    for i, res, err in stream:
-      if err is not None:
-        report.fail(source.name(i), err)
-        bar.update(1)
-        continue
-      img, note, shape, name = res  # the name too is read in the background (TFDS records)
-      report.note(name, note)
-      if shape != (hr, hr):
-        report.resized(name, shape, hr)
-      batch.append(img)
-      names.append(name)
-      if len(batch) == bsz:
-        outputs = ev(np.stack(batch))  # dispatched; runs while the previous batch is fetched
-        if pending:
-          finish(*pending)
-        pending, batch, names = (outputs, names), [], []
-    if batch:  # the last partial batch: pad with zeros, drop the padding's results
-      pad = np.zeros((bsz - len(batch), hr, hr, 3), np.float32)
-      outputs = ev(np.concatenate([np.stack(batch), pad]))
-      if pending:
+    for group in data_lib.batches(stream, bsz, on_error):
+      # The name too is read in the background (TFDS records).
+      for _, (_, note, shape, name) in group:
+        report.note(name, note)
+        if shape != (hr, hr):
+          report.resized(name, shape, hr)
+      # A last partial batch is padded with zeros; finish() keeps only the named rows.
+      outputs = ev(data_lib.pad_batch([res[0] for _, res in group], bsz))
+      if pending:  # `outputs` is dispatched and runs while the previous batch is fetched
         finish(*pending)
-      pending = (outputs, names)
+      pending = (outputs, [res[3] for _, res in group])
     if pending:
       finish(*pending)
     for w in writes:

@@ -97,7 +97,7 @@ def rescale(direction: str, grain, inputs: list[str], out_dir: str, batch_size: 
     return images.to_model(images.resize_square(img, hr)), note
 
   def run(batch):
-    x = np.stack(batch + [np.zeros_like(batch[0])] * (batch_size - len(batch)))
+    x = data_lib.pad_batch(batch, batch_size)
     if direction == "down":
       return {"": lr_to_uint8(grain.downscale(x))}
     out = grain.upscale(x)
@@ -109,24 +109,19 @@ def rescale(direction: str, grain, inputs: list[str], out_dir: str, batch_size: 
       for suffix, arr in result.items():
         images.write_png(stem + suffix + ".png", arr[j])
 
+  def on_error(i, err):
+    report.fail(files[i].name, err)
+    bar.update(1)
+
   with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as writer:
-    writes, batch, idx = [], [], []
-    for i, res, err in data_lib.prefetch(load, range(len(files)), workers, 2 * batch_size + 4):
-      if err is not None:
-        report.fail(files[i].name, err)
-        bar.update(1)
-        continue
-      arr, note = res
-      report.note(files[i].name, note)
-      batch.append(arr)
-      idx.append(i)
-      if len(batch) == batch_size:
-        writes.append(writer.submit(write, idx, run(batch)))
-        bar.update(len(batch))
-        batch, idx = [], []
-    if batch:
-      writes.append(writer.submit(write, idx, run(batch)))
-      bar.update(len(batch))
+    writes = []
+    stream = data_lib.prefetch(load, range(len(files)), workers, 2 * batch_size + 4)
+    for group in data_lib.batches(stream, batch_size, on_error):
+      for i, (_, note) in group:
+        report.note(files[i].name, note)
+      idx = [i for i, _ in group]
+      writes.append(writer.submit(write, idx, run([arr for _, (arr, _) in group])))
+      bar.update(len(group))
     for w in writes:
       w.result()  # a write error (disk full, permissions) is not swallowed
   bar.close()

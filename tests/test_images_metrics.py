@@ -141,6 +141,21 @@ def test_prefetch_keeps_order_and_hands_over_errors():
   assert isinstance(got[3][2], ValueError) and got[3][1] is None
 
 
+def test_batches_skip_failures_and_pad_the_last():
+  def fn(i):
+    if i in (1, 4):
+      raise ValueError(f"bad {i}")
+    return np.full((2, 2), i, np.float32)
+  failed = []
+  groups = list(data.batches(data.prefetch(fn, range(7), workers=2), 2,
+                             lambda i, e: failed.append((i, str(e)))))
+  assert failed == [(1, "bad 1"), (4, "bad 4")]
+  assert [[i for i, _ in g] for g in groups] == [[0, 2], [3, 5], [6]]
+  x = data.pad_batch([r for _, r in groups[-1]], 2)
+  assert x.shape == (2, 2, 2) and x.dtype == np.float32
+  assert (x[0] == 6).all() and (x[1] == 0).all()
+
+
 def make_tfds_dataset(data_dir, pictures, names=None, corrupt=()):
   """Prepares a tiny TFDS dataset 'grain_test_faces' (split 'test') in ArrayRecord files.
 

@@ -157,7 +157,7 @@ def placeholder_tree(init, *shapes, seed: int = 0):
   rng = np.random.default_rng(seed)
 
   def value(path, s):
-    if "var" in jax.tree_util.keystr(path):
+    if getattr(path[-1], "key", None) == "var":  # BatchNorm running variance
       return np.ones(s.shape, s.dtype)
     return (0.02 * rng.standard_normal(s.shape)).astype(s.dtype)
   return jax.tree_util.tree_map_with_path(value, tree)

@@ -2,11 +2,18 @@
 
 L2 + 0.1 LR-L2 + 0.8 LPIPS + 0.1 ID + 0.01 relativistic GAN (patch D every 6th step).
 
-    python train.py --config configs/stage1_invrrdb.py --workdir WORKDIR \
+    grain-jax train --config configs/stage1_invrrdb.py --workdir WORKDIR \
         --config.data.train=FOLDER --config.init.weights=CONVERTED_WEIGHTS
+
+The built-in config `invrrdb` (grain_jax/configs/training.py: the original's recipe); edit this
+copy to keep your own settings, e.g. your data folders, instead of passing them each time.
 """
-from configs.training import training_config
+from grain_jax.configs.training import training_config
 
 
 def get_config():
-  return training_config("invrrdb")
+  c = training_config("invrrdb")
+  # c.data.train = "/data/celeba_hq/train"
+  # c.data.eval = "/data/celeba_hq/test"
+  # c.init.weights = "weights/grain1024"
+  return c

@@ -2,11 +2,13 @@
 
 L2 + LPIPS + ID + non-saturating GAN on hr_gan (StyleGAN2 D every 5th step, lazy R1).
 
-    python train.py --config configs/stage2_fea2code.py --workdir WORKDIR \
+    grain-jax train --config configs/stage2_fea2code.py --workdir WORKDIR \
         --config.data.train=FOLDER --config.init.weights=CONVERTED_WEIGHTS \
         --config.init.previous_workdir=STAGE1_WORKDIR
+
+The built-in config `fea2code`; edit this copy to keep your own settings (see stage1_invrrdb.py).
 """
-from configs.training import training_config
+from grain_jax.configs.training import training_config
 
 
 def get_config():

@@ -1,10 +1,12 @@
 """GRAIN stage 4: InvRRDB + Fea2Code + Fusion together at lr 5e-5, with the LR term (0.1).
 
-    python train.py --config configs/stage4_finetune.py --workdir WORKDIR \
+    grain-jax train --config configs/stage4_finetune.py --workdir WORKDIR \
         --config.data.train=FOLDER --config.init.weights=CONVERTED_WEIGHTS \
         --config.init.previous_workdir=STAGE3_WORKDIR
+
+The built-in config `finetune`; edit this copy to keep your own settings (see stage1_invrrdb.py).
 """
-from configs.training import training_config
+from grain_jax.configs.training import training_config
 
 
 def get_config():

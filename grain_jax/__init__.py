@@ -1,4 +1,10 @@
-"""grain_jax: GRAIN (CVPR 2022, extreme image rescaling with a StyleGAN2 prior) in JAX/Flax."""
-from grain_jax.api import Grain, load
+"""grain_jax: GRAIN (CVPR 2022, extreme image rescaling with a StyleGAN2 prior) in JAX/Flax.
 
-__all__ = ["Grain", "load"]
+    import grain_jax
+    m = grain_jax.load("weights/grain1024")          # grain-jax convert's output
+    x = grain_jax.read_image("face.png", m.hr_size)  # (1, 1024, 1024, 3) in [-1, 1]
+    out = m.upscale(m.downscale(x))                  # hr, hr_inv, hr_gan, codes
+"""
+from grain_jax.inference import LoadedModel, load, read_image
+
+__all__ = ["LoadedModel", "load", "read_image"]

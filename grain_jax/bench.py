@@ -1,8 +1,8 @@
 """Speed and memory of GRAIN on this machine's first JAX device.
 
-    python -m grain_jax.bench                         # 1024 config: rescale + all four stages
-    python -m grain_jax.bench --config small --batch_sizes 1,4,16
-    python -m grain_jax.bench --compute_dtype bfloat16 --remat --json
+    grain-jax bench                         # 1024 config: rescale + all four stages
+    grain-jax bench --config small --batch_sizes 1,4,16
+    grain-jax bench --compute_dtype bfloat16 --remat --json
 
 Everything is measured after compilation (the median of --repeats calls), with random
 weights of the config's shapes (the cost does not depend on the values):
@@ -23,10 +23,7 @@ weights of the config's shapes (the cost does not depend on the values):
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
-import os
 import sys
 import time
 
@@ -34,29 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE_NAMES = ("invrrdb", "fea2code", "fusion", "finetune")
+from grain_jax import stages
 
 
-def model_config(name: str):
-  """'1024', 'small' or the path of a config file (get_config().model or model_config())."""
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-  if name == "1024":
-    from configs import grain_1024
-    return grain_1024.model_config()
-  if name == "small":
-    from configs import grain_small
-    return grain_small.model_config()
-  if not os.path.exists(name):
-    raise FileNotFoundError(f"--config: no such file {name!r} (or use '1024' / 'small')")
-  spec = importlib.util.spec_from_file_location("bench_config", name)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  if hasattr(mod, "model_config"):
-    return mod.model_config()
-  cfg = mod.get_config()
-  return cfg.model if "model" in cfg else cfg
+def model_config(spec: str):
+  """The model config of `--config`: a built-in name (1024, small, or a training config's)
+  or a config file (its get_config().model); unlocked, for the run options to be set."""
+  import ml_collections
+
+  from grain_jax import configs
+  return ml_collections.ConfigDict(configs.load(spec).model.to_dict())
 
 
 def device_description() -> str:
@@ -147,7 +131,7 @@ def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log,
 
   model = GRAIN.from_config(cfg)
   hr, lr_size = int(cfg.hr_size), int(cfg.lr_size)
-  variables = jax.device_put(placeholder_variables(model, hr))
+  variables = jax.device_put(placeholder_variables(model))
   down = jax.jit(lambda v, x: model.apply(v, x, method=model.downscale))
   up = jax.jit(lambda v, lr: model.apply(v, lr, method=model.upscale))
   cases = []
@@ -175,75 +159,63 @@ def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log,
 LOSSES = ("l2", "lr_l2", "lpips", "id", "adv")
 
 
-def bench_train(cfg, stages, batch: int, ceiling: float, repeats: int, d_update: bool,
+def _time_steps(compiled, state, batch, loss_vars, repeats: int, reset_step: bool):
+  """Median seconds of a compiled training step (repeats=0: the first call); its last loss."""
+  t = time.perf_counter()
+  state, m = compiled(state, batch, loss_vars)  # warm-up (the state is donated)
+  jax.block_until_ready(m)
+  times = [time.perf_counter() - t] if repeats == 0 else []
+  for _ in range(repeats):
+    if reset_step:
+      state = state.replace(step=jnp.zeros((), jnp.int32))  # D update and R1 again
+    t = time.perf_counter()
+    state, m = compiled(state, batch, loss_vars)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), float(m["loss"])
+
+
+def bench_train(cfg, stage_names, batch: int, ceiling: float, repeats: int, d_update: bool,
                 log, losses=LOSSES, compile_only: bool = False) -> list[dict]:
-  from configs.training import training_config
-  from grain_jax import irse50, optim, trainer
-  from grain_jax.lpips import LPIPS
-  from grain_jax.model import GRAIN, NETWORKS, placeholder_tree, placeholder_variables
-  from grain_jax.train_step import (build_discriminator, get_stage, make_parallel_step,
-                                    make_train_step)
+  """One case per stage (and per variant: with the D update too if d_update)."""
+  from grain_jax import networks, train_step
+  from grain_jax.configs.training import training_config
+  from grain_jax.model import GRAIN, placeholder_values, placeholder_variables
 
   hr = int(cfg.hr_size)
-  all_vars = placeholder_variables(GRAIN.from_config(cfg), hr)
-  loss_vars = {"lpips": placeholder_tree(LPIPS().init, (1, 64, 64, 3), (1, 64, 64, 3)),
-               "irse50": placeholder_tree(irse50.IRSE50().init, (1, 112, 112, 3))}
+  variables = placeholder_variables(GRAIN.from_config(cfg))
+  loss_vars = {n: placeholder_values(networks.expected_variables(n, cfg))
+               for n in ("lpips", "irse50")}
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   rng = np.random.default_rng(0)
   batch_arrays = {k: rng.uniform(-1, 1, (batch, hr, hr, 3)).astype(np.float32) for k in "xy"}
   cases = []
-  for name in stages:
+  for name in stage_names:
     tcfg = training_config(name, model=cfg)
-    for k in LOSSES:
-      if k not in losses:
-        tcfg.loss[k] = 0.0
-    stage = get_stage(name)
-    kw = {"train": False} if stage.discriminator == "patch" else {}
-    d_vars = placeholder_tree(lambda k, x: build_discriminator(tcfg, stage, None).init(k, x, **kw),
-                       (1, hr, hr, 3))
-    tx = optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate)
-    variables = {"params": {n: all_vars["params"][n] for n in NETWORKS},
-                 "buffers": all_vars["buffers"]}
-    model = GRAIN.from_config(cfg, stage.runs)
-    variants = [("step", 0)] + ([("step_with_d_update", 1)] if d_update else [])
-    for label, d_every in variants:
+    tcfg.loss.update({k: 0.0 for k in LOSSES if k not in losses})
+    d_vars = placeholder_values(networks.expected_variables(stages.get(name).discriminator, cfg))
+    variants = [("", 0)] + ([("_with_d", 1)] if d_update else [])
+    for suffix, d_every in variants:
       tcfg.d_every = d_every  # 0: no D update in the program; 1: at every step (R1 at step 0)
-      disc = build_discriminator(tcfg, stage)
-      step = make_parallel_step(make_train_step(tcfg, model, disc, tx, tx, set(loss_vars)), mesh)
-      state = trainer.create_train_state(tcfg, variables, d_vars, tx, tx)
+      training = train_step.create_training(tcfg, variables, d_vars, loss_vars, mesh)
       try:
         t = time.perf_counter()
-        lowered = step.lower(state, batch_arrays, loss_vars)
+        lowered = training.step.lower(training.state, batch_arrays, loss_vars)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t
-        flops = program_flops(lowered)
-        if compile_only:
-          case = _case(f"train_{name}" + ("" if label == "step" else "_with_d"), batch, None,
-                       flops, ceiling, compiled, per="step")
-          cases.append(dict(case, compile_s=compile_s))
-          log(row(cases[-1]))
-          continue
-        t = time.perf_counter()
-        state, m = compiled(state, batch_arrays, loss_vars)  # warm-up (state is donated)
-        jax.block_until_ready(m)
-        times = [time.perf_counter() - t] if repeats == 0 else []
-        for _ in range(repeats):
-          if d_every:
-            state = state.replace(step=jnp.zeros((), jnp.int32))  # D update and R1
-          t = time.perf_counter()
-          state, m = compiled(state, batch_arrays, loss_vars)
-          jax.block_until_ready(m)
-          times.append(time.perf_counter() - t)
-        del state
+        seconds, loss = None, 0.0
+        if not compile_only:
+          seconds, loss = _time_steps(compiled, training.state, batch_arrays, loss_vars, repeats,
+                                      bool(d_every))
       except Exception as e:
         cases.append(dict(name=f"train_{name}", batch=batch, error=f"{type(e).__name__}: "
                           f"{str(e)[:200]}"))
         log(f"  train {name} batch {batch}: {cases[-1]['error']}")
         continue
-      case = _case(f"train_{name}" + ("" if label == "step" else "_with_d"), batch,
-                   float(np.median(times)), flops, ceiling, compiled, per="step")
+      case = _case(f"train_{name}{suffix}", batch, seconds, program_flops(lowered), ceiling,
+                   compiled, per="step")
       case["compile_s"] = compile_s
-      if not np.isfinite(float(m["loss"])):
+      if not np.isfinite(loss):
         case["error"] = "loss is not finite"
       cases.append(case)
       log(row(case))
@@ -254,14 +226,14 @@ def precision_effect(checkpoint: str, data: str, max_images: int, log) -> dict:
   """hr / hr_inv / hr_gan PSNR of trained weights on real images in float32 and bfloat16."""
   import tempfile
 
-  from grain_jax import api, data as data_lib, evaluate
+  from grain_jax import datasets, evaluate, inference
 
   out = dict(checkpoint=checkpoint, data=data)
   for dtype in ("float32", "bfloat16"):
-    grain = api.load(checkpoint, dtype)
-    ev = evaluate.Evaluator(grain, None, None)
+    loaded = inference.load(checkpoint, dtype)
+    ev = evaluate.Evaluator(loaded.model, loaded.variables)
     with tempfile.TemporaryDirectory() as tmp:
-      m = evaluate.evaluate(ev, data_lib.open_source(data), tmp, max_images=max_images,
+      m = evaluate.evaluate(ev, datasets.open_source(data), tmp, max_images=max_images,
                             progress=False)
     out[dtype] = {k: m[k] for k in ("num_images", "hr_psnr", "hr_inv_psnr", "hr_gan_psnr",
                                     "hr_ssim")}
@@ -291,7 +263,7 @@ HEADER = (f"  {'case':<24} {'batch':>5} {'rate':>16} {'TFLOP/img':>9} {'TFLOP/s'
           f"{'ceil%':>7} {'mem GB':>7}")
 
 
-def run(config: str = "1024", batch_sizes=(1,), stages=STAGE_NAMES, train_batch: int = 1,
+def run(config: str = "1024", batch_sizes=(1,), stage_names=stages.NAMES, train_batch: int = 1,
         compute_dtype: str = "float32", remat: bool = False, repeats: int = 3,
         d_update: bool = False, checkpoint: str = "", data: str = "", max_images: int = 16,
         losses=LOSSES, compile_only: bool = False, log=print) -> dict:
@@ -312,70 +284,14 @@ def run(config: str = "1024", batch_sizes=(1,), stages=STAGE_NAMES, train_batch:
   if batch_sizes:
     result["cases"] += bench_rescale(cfg, batch_sizes, ceiling["tflops"], repeats, log,
                                      compile_only)
-  if stages:
-    result["cases"] += bench_train(cfg, stages, train_batch, ceiling["tflops"], repeats,
+  if stage_names:
+    result["cases"] += bench_train(cfg, stage_names, train_batch, ceiling["tflops"], repeats,
                                    d_update, log, losses, compile_only)
   if checkpoint:
     result["precision"] = precision_effect(checkpoint, data, max_images, log)
   return result
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m grain_jax.bench", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="1024",
-                 help="'1024' (the published GRAIN), 'small' (the demo's 64 <-> 4 model) or a "
-                      "config file with a model config")
-  p.add_argument("--batch_sizes", default="1",
-                 help="comma-separated batch sizes for downscale/upscale ('' skips them)")
-  p.add_argument("--stages", default=",".join(STAGE_NAMES),
-                 help="training stages to time ('' skips training)")
-  p.add_argument("--train_batch", type=int, default=1, help="global batch of the training step")
-  p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--remat", action="store_true", help="rematerialise the heavy blocks")
-  p.add_argument("--losses", default=",".join(LOSSES),
-                 help="loss terms of the timed training step (default: all, as in training)")
-  p.add_argument("--d_update", action="store_true",
-                 help="also time a training step that includes the discriminator update")
-  p.add_argument("--repeats", type=int, default=3,
-                 help="timed calls per case, after a warm-up call (median); 0 times the first "
-                      "call (compilation is never timed: programs are compiled ahead)")
-  p.add_argument("--compile_only", action="store_true",
-                 help="compile every program and report its FLOPs and XLA's memory estimate "
-                      "without running it (for programs too big or slow for this machine)")
-  p.add_argument("--checkpoint", default="",
-                 help="trained weights (or a training workdir): also measure hr PSNR on --data "
-                      "in float32 and bfloat16 (the numerical effect of mixed precision)")
-  p.add_argument("--data", default="", help="image folder or tfds:NAME/SPLIT for --checkpoint")
-  p.add_argument("--max_images", type=int, default=16, help="images for --checkpoint")
-  p.add_argument("--json", action="store_true", help="print one JSON object, no table")
-  a = p.parse_args(argv)
-  try:
-    sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-  except ValueError:
-    p.error("--batch_sizes must be comma-separated integers")
-  bad = [s for s in stages if s not in STAGE_NAMES]
-  if bad:
-    p.error(f"--stages: unknown {bad}; choose from {', '.join(STAGE_NAMES)}")
-  if min(sizes + [a.train_batch]) < 1 or a.repeats < 0:
-    p.error("batch sizes must be >= 1 and --repeats >= 0")
-  losses = [k.strip() for k in a.losses.split(",") if k.strip()]
-  if set(losses) - set(LOSSES) or not losses:
-    p.error(f"--losses: choose from {', '.join(LOSSES)}")
-  if bool(a.checkpoint) != bool(a.data):
-    p.error("--checkpoint and --data go together")
-  log = (lambda *_: None) if a.json else (lambda s: print(s, flush=True))
-  try:
-    result = run(a.config, sizes, stages, a.train_batch, a.compute_dtype, a.remat, a.repeats,
-                 a.d_update, a.checkpoint, a.data, a.max_images, losses, a.compile_only, log)
-  except (OSError, ValueError, RuntimeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if a.json:
-    print(json.dumps(result, indent=1))
-  return 1 if any("error" in c for c in result["cases"]) else 0
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  from grain_jax import cli
+  sys.exit(cli.run_command("bench", prog="python -m grain_jax.bench"))

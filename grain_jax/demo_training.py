@@ -1,5 +1,6 @@
-"""The CPU demo (configs/demo.py): data from scikit-image, the four stages in turn, a final
-evaluation on held-out crops against the bicubic baseline."""
+"""The CPU demo (`grain-jax train --config demo`, grain_jax/configs/demo.py): data from
+scikit-image, the four stages in turn, a final evaluation on held-out crops against the
+bicubic baseline."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import time
 import ml_collections
 import numpy as np
 
-from grain_jax import images
+from grain_jax import images, stages
 
 log = logging.getLogger("grain_jax.demo")
 
@@ -47,15 +48,12 @@ def prepare_data(cfg, root: str) -> tuple[str, str]:
 
 
 def stage_config(cfg, stage: str, train: str, heldout: str, previous: str):
-  """The demo's config for one stage: that stage's defaults, the demo's data and steps."""
-  from configs.training import STAGE_DEFAULTS
-
+  """The demo's config for one stage: that stage's recipe, the demo's data, steps, losses."""
   c = ml_collections.ConfigDict(cfg.to_dict())
   c.stage = stage
   c.max_steps = cfg.stage_steps[stage]
   c.learning_rate = cfg.stage_learning_rate[stage]
-  c.d_every = STAGE_DEFAULTS[stage]["d_every"]
-  c.loss.lr_l2 = STAGE_DEFAULTS[stage]["lr_l2"]
+  c.d_every = stages.get(stage).d_every
   c.loss.update(cfg.stage_loss[stage])
   c.data.train = train
   c.data.eval = heldout if stage in cfg.validate_stages else ""
@@ -63,17 +61,14 @@ def stage_config(cfg, stage: str, train: str, heldout: str, previous: str):
   return c
 
 
-def comparison(grain, heldout: str, out_path: str, n: int = 4) -> None:
+def comparison(loaded, heldout: str, out_path: str, n: int = 4) -> None:
   """Rows of held-out crops: input | bicubic baseline | hr_inv | hr_gan | hr."""
-  import jax
-  from grain_jax import data as data_lib, metrics
-  from grain_jax.rescaler import quantize
+  from grain_jax import datasets, metrics
 
-  src = data_lib.FolderSource(heldout)
+  src = datasets.FolderSource(heldout)
   x = np.stack([images.to_model(src.load(i)[0]) for i in range(min(n, len(src)))])
-  out = grain.upscale(grain.downscale(x))
-  bic = metrics.bicubic_resize(quantize(metrics.bicubic_resize(x, grain.lr_size)), grain.hr_size)
-  cols = [x, np.asarray(jax.device_get(bic))]
+  out = loaded.upscale(loaded.downscale(x))
+  cols = [x, np.asarray(metrics.bicubic_baseline(x, loaded.lr_size)[1])]
   cols += [np.asarray(out[k]) for k in ("hr_inv", "hr_gan", "hr")]
   rows = [np.concatenate([images.to_uint8(c[i]) for c in cols], 1) for i in range(len(x))]
   images.write_png(out_path, np.concatenate(rows, 0))
@@ -82,7 +77,7 @@ def comparison(grain, heldout: str, out_path: str, n: int = 4) -> None:
 def run(cfg, workdir: str, progress: bool = True) -> dict:
   """Trains the four stages in WORKDIR/stage*_NAME, evaluates, writes metrics.json and
   comparison.png; returns the metrics."""
-  from grain_jax import api, data as data_lib, evaluate, trainer
+  from grain_jax import datasets, evaluate, inference, trainer
 
   t0 = time.perf_counter()
   workdir = os.path.abspath(workdir)
@@ -93,21 +88,24 @@ def run(cfg, workdir: str, progress: bool = True) -> dict:
     log.info("stage %d/%d: %s (%d steps)", k, len(cfg.stages), stage, cfg.stage_steps[stage])
     m = trainer.train_and_evaluate(stage_config(cfg, stage, train, heldout, previous),
                                    stage_dir, progress)
-    out = trainer.get_stage(stage).output
+    out = stages.get(stage).output
     if m:
       log.info("stage %s: held-out %s PSNR %.2f dB (bicubic %.2f dB)", stage, out,
                m[f"{out}_psnr"], m["bicubic_psnr"])
     previous = stage_dir
-  grain = api.load(os.path.join(previous, "weights"))
-  ev = evaluate.Evaluator(grain, None, evaluate.lpips_params_for(grain, "auto"))
-  m = evaluate.evaluate(ev, data_lib.FolderSource(heldout), os.path.join(workdir, "eval"),
+  loaded = inference.load(previous)
+  checkpoint_lpips = loaded.lpips_params if "lpips" in loaded.networks else None
+  ev = evaluate.Evaluator(loaded.model, loaded.variables, None,
+                          evaluate.lpips_variables("auto", checkpoint_lpips))
+  m = evaluate.evaluate(ev, datasets.FolderSource(heldout), os.path.join(workdir, "eval"),
                         progress=False)
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(m, f, indent=1)
-  comparison(grain, heldout, os.path.join(workdir, "comparison.png"))
+  comparison(loaded, heldout, os.path.join(workdir, "comparison.png"))
   minutes = (time.perf_counter() - t0) / 60
-  print(f"demo finished in {minutes:.1f} min; {m['num_images']} held-out {grain.hr_size}x"
-        f"{grain.hr_size} crops via {grain.lr_size}x{grain.lr_size} 8-bit LR:")
+  hr, lr = loaded.hr_size, loaded.lr_size
+  print(f"demo finished in {minutes:.1f} min; {m['num_images']} held-out {hr}x{hr} crops via "
+        f"{lr}x{lr} 8-bit LR:")
   print(f"  GRAIN    hr PSNR {m['hr_psnr']:.2f} dB  SSIM {m['hr_ssim']:.4f}")
   print(f"  bicubic     PSNR {m['bicubic_psnr']:.2f} dB  SSIM {m['bicubic_ssim']:.4f}  "
         f"(GRAIN {m['hr_psnr'] - m['bicubic_psnr']:+.2f} dB)")

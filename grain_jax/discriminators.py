@@ -5,21 +5,21 @@
 * `PatchDiscriminator`: the SRGAN-style patch discriminator of stage 1 (GRAIN
   `models/invRRDB.py: Discriminator`), trained from scratch on 256x256 bilinear resizes.
 
-Both are NHWC. `resize_bilinear` reproduces `torch.nn.functional.interpolate(mode="bilinear")`
-(align_corners=False, no antialiasing), which the original uses for every resize in its losses.
+Both are NHWC. The patch discriminator resizes its input with `layers.resize_bilinear`
+(torch's `F.interpolate(mode="bilinear")`, as the original's trainer does).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax.layers import (EqualConv2d, EqualLinear, FusedLeakyReLU, blur, check_fir_buffer,
-                              resize_bilinear)
-from grain_jax.torch_import import CheckpointError, TorchReader, check_tree, strip_prefix
+from grain_jax.layers import (TORCH_KERNEL_INIT, EqualConv2d, EqualLinear, FusedLeakyReLU, blur,
+                              check_fir_buffer, resize_bilinear)
+from grain_jax.torch_import import TorchReader
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,58 +171,33 @@ class StyleGAN2Discriminator(nn.Module):
     return (logits, inter) if return_intermediates else logits
 
 
-def discriminator_params_from_torch(state_dict: Mapping[str, Any], size: int,
-                                    channels: Sequence[int],
-                                    blur_kernel: Sequence[float] = (1, 3, 3, 1),
-                                    stddev_group: int = 4, stddev_feat: int = 1) -> dict:
+def discriminator_from_torch(rd: TorchReader, model: StyleGAN2Discriminator) -> dict:
   """A rosinality Discriminator state dict (checkpoint["d"]) -> {"params": ...}.
 
   The blur buffers (`*.conv2.0.kernel`, `*.skip.0.kernel`) are not parameters; they must equal
-  make_kernel(blur_kernel), else the file was made for another configuration. Every missing,
-  unexpected or wrongly shaped key is reported in one CheckpointError.
+  make_kernel(blur_kernel), else the file was made for another configuration.
   """
-  what = "StyleGAN2 discriminator"
-  r = TorchReader(state_dict, what)
-  fir_problems: list[str] = []
-
   def conv_layer(key, conv_index, bias_in_act=True):
-    p = {"conv": {"kernel": r.conv(f"{key}.{conv_index}", bias=False)["kernel"]}}
+    p = {"conv": {"kernel": rd.conv(f"{key}.{conv_index}", bias=False)["kernel"]}}
     if bias_in_act:
-      p["act"] = {"bias": r.get(f"{key}.{conv_index + 1}.bias")}
+      p["act"] = {"bias": rd.get(f"{key}.{conv_index + 1}.bias")}
     return p
 
-  def fir(key):
-    fir_problems.extend(check_fir_buffer(r.get(key), blur_kernel, 1.0, key))
-
   params = {"convs_0": conv_layer("convs.0", 0)}
-  for k in range(1, _log2(size) - 1):
+  for k in range(1, _log2(model.size) - 1):
     key = f"convs.{k}"
-    fir(f"{key}.conv2.0.kernel")
-    fir(f"{key}.skip.0.kernel")
+    for fir in (f"{key}.conv2.0.kernel", f"{key}.skip.0.kernel"):
+      for problem in check_fir_buffer(rd.get(fir), model.blur_kernel, 1.0, fir):
+        rd.problem(problem)
     params[f"convs_{k}"] = {
         "conv1": conv_layer(f"{key}.conv1", 0),
         "conv2": conv_layer(f"{key}.conv2", 1),
         "skip": conv_layer(f"{key}.skip", 1, bias_in_act=False),
     }
   params["final_conv"] = conv_layer("final_conv", 0)
-  params["final_linear_0"] = r.dense("final_linear.0")
-  params["final_linear_1"] = r.dense("final_linear.1")
-
-  model = StyleGAN2Discriminator(size, tuple(channels), tuple(blur_kernel), stddev_group,
-                                 stddev_feat)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
-  try:
-    check_tree(what, params, expected, r)
-  except CheckpointError as e:
-    raise CheckpointError("; ".join([str(e)] + fir_problems)) from None
-  if fir_problems:
-    raise CheckpointError(f"{what}: " + "; ".join(fir_problems))
-  return {"params": jax.tree_util.tree_map(jnp.asarray, params)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Bilinear resize with PyTorch semantics.
+  params["final_linear_0"] = rd.dense("final_linear.0")
+  params["final_linear_1"] = rd.dense("final_linear.1")
+  return {"params": params}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +223,7 @@ class TorchConv3x3(nn.Module):
     fan_in = x.shape[-1] * 9
     # torch's kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) for weight and bias.
     return nn.Conv(self.features, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
-                   kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                   kernel_init=TORCH_KERNEL_INIT,
                    bias_init=_torch_uniform_bias(fan_in), name="conv")(x)
 
 
@@ -347,29 +322,21 @@ def patch_discriminator_torch_indices(n_blocks: int) -> dict[str, int]:
   return idx
 
 
-def patch_discriminator_params_from_torch(state_dict: Mapping[str, Any],
-                                          widths: Sequence[int] = (64, 128, 256, 512)) -> dict:
+def patch_discriminator_from_torch(rd: TorchReader, model: PatchDiscriminator) -> dict:
   """GRAIN's patch discriminator state dict -> {"params": ..., "batch_stats": ...}.
 
   Accepts both key forms: `model.N.*` (what GRAIN's trainer saves, `dis.state_dict()` under
   "state_dict" of `*_dis.pt`) and `N.*` (what GRAIN's own loader feeds to `dis.model`, so it
   cannot actually reload the files it saves). `num_batches_tracked` is ignored.
   """
-  what = "patch discriminator"
-  sd = dict(state_dict)
-  if any(k.startswith("model.") for k in sd):
-    sd = strip_prefix(sd, "model.")
-  r = TorchReader(sd, what)
-  r.ignore_suffix(".num_batches_tracked")
+  pre = "model." if any(k.startswith("model.") for k in rd.sd) else ""
+  rd.ignore_suffix(".num_batches_tracked")
   params, stats = {}, {}
-  for name, i in patch_discriminator_torch_indices(len(widths)).items():
+  for name, i in patch_discriminator_torch_indices(len(model.widths)).items():
+    key = f"{pre}{i}"
     if "_bn" in name:
-      params[name] = {"scale": r.get(f"{i}.weight"), "bias": r.get(f"{i}.bias")}
-      stats[name] = {"mean": r.get(f"{i}.running_mean"), "var": r.get(f"{i}.running_var")}
+      params[name] = {"scale": rd.get(f"{key}.weight"), "bias": rd.get(f"{key}.bias")}
+      stats[name] = {"mean": rd.get(f"{key}.running_mean"), "var": rd.get(f"{key}.running_var")}
     else:
-      params[name] = {"conv": r.conv(str(i))}
-  model = PatchDiscriminator(tuple(widths), input_size=None)
-  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, 32, 32, 3)), train=False))
-  check_tree(what, {"params": params, "batch_stats": stats}, expected, r)
-  return jax.tree_util.tree_map(jnp.asarray, {"params": params, "batch_stats": stats})
+      params[name] = {"conv": rd.conv(key)}
+  return {"params": params, "batch_stats": stats}

@@ -8,37 +8,12 @@ Unreadable examples are skipped and counted (`skipped()`), never fatal.
 """
 from __future__ import annotations
 
-import os
 import threading
 
-import grain
 import numpy as np
+from grain import MapDataset, ReadOptions  # the data-loading library, not this project
 
-from grain_jax import data as data_lib
-from grain_jax import images
-
-
-class PairedFolders:
-  """Source and target folders holding the same relative file names (the original's layout)."""
-
-  def __init__(self, source: str, target: str):
-    src = data_lib.FolderSource(source)
-    tgt = {os.path.splitext(f.name)[0]: f for f in data_lib.FolderSource(target).files}
-    self.pairs = [(f, tgt[os.path.splitext(f.name)[0]]) for f in src.files
-                  if os.path.splitext(f.name)[0] in tgt]
-    if not self.pairs:
-      raise ValueError(f"no file of {source} has a namesake in {target}")
-    self.description = f"{source} -> {target}"
-
-  def __len__(self):
-    return len(self.pairs)
-
-  def name(self, i):
-    return self.pairs[i][0].name
-
-  def load_pair(self, i):
-    s, t = self.pairs[i]
-    return images.read_image(s.path)[0], images.read_image(t.path)[0]
+from grain_jax import datasets, images
 
 
 class _Unpaired:
@@ -56,10 +31,10 @@ def open_training_source(cfg_data):
   """The config's training data as an object with len() and load_pair(i) -> (x01, y01)."""
   data_dir = cfg_data.data_dir or None
   if cfg_data.train_target:
-    return PairedFolders(cfg_data.train, cfg_data.train_target)
+    return datasets.PairedFolders(cfg_data.train, cfg_data.train_target)
   if not cfg_data.train:
     raise ValueError("no training data: set --config.data.train=FOLDER or tfds:NAME/SPLIT")
-  return _Unpaired(data_lib.open_source(cfg_data.train, data_dir))
+  return _Unpaired(datasets.open_source(cfg_data.train, data_dir))
 
 
 def crop_pair(x: np.ndarray, y: np.ndarray | None, size: int, cfg_data,
@@ -106,10 +81,10 @@ class TrainData:
           self._skipped += 1
         return None
 
-    ds = grain.MapDataset.range(len(self.source)).shuffle(seed=seed).repeat()
+    ds = MapDataset.range(len(self.source)).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count]
     ds = ds.random_map(load, seed=seed + 1)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(cfg_data.workers)),
+    it_ds = ds.to_iter_dataset(ReadOptions(num_threads=max(1, int(cfg_data.workers)),
                                                  prefetch_buffer_size=4 * batch_size + 8))
     it_ds = it_ds.filter(lambda ex: ex is not None).batch(batch_size, drop_remainder=True)
     self._it = iter(it_ds)

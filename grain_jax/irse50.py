@@ -17,7 +17,7 @@ The identity loss preprocessing is separate: `identity_crop` (crop + adaptive po
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ import flax.linen as nn
 import numpy as np
 
 from grain_jax.layers import SqueezeExcite
-from grain_jax.torch_import import TorchReader, check_tree
+from grain_jax.torch_import import TorchReader
 
 # Units per stage (get_blocks in the original's helpers).
 STAGE_UNITS = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 152: (3, 8, 36, 3)}
@@ -134,15 +134,11 @@ class IRSE50(nn.Module):
     return x / jnp.linalg.norm(x, axis=1, keepdims=True)
 
 
-def params_from_torch(state_dict: Mapping[str, Any], num_layers: int = 50,
-                      input_size: int = 112) -> dict:
-  """Converts a TreB1eN/pSp IR-SE state dict (e.g. model_ir_se50.pth) to Flax variables.
+def from_torch(reader: TorchReader, model: IRSE50) -> dict:
+  """A TreB1eN/pSp IR-SE state dict (e.g. model_ir_se50.pth) -> {"params", "batch_stats"}.
 
-  Returns {"params": ..., "batch_stats": ...} for `IRSE50(num_layers)`. Every problem (missing or
-  unexpected keys, wrong shapes) is reported at once as a CheckpointError; `num_batches_tracked`
-  buffers are ignored.
+  `num_batches_tracked` buffers are ignored.
   """
-  reader = TorchReader(state_dict, f"IR-SE{num_layers}")
   reader.ignore_suffix("num_batches_tracked")
   params: dict = {}
   stats: dict = {}
@@ -160,7 +156,7 @@ def params_from_torch(state_dict: Mapping[str, Any], num_layers: int = 50,
                            "prelu": prelu("input_layer.2")}
   stats["input_layer"] = {"bn": s_bn}
 
-  for i, (cin, depth, _) in enumerate(unit_config(num_layers)):
+  for i, (cin, depth, _) in enumerate(unit_config(model.num_layers)):
     k = f"body.{i}."
     p_bn1, s_bn1 = bn(k + "res_layer.0")
     p_bn2, s_bn2 = bn(k + "res_layer.4")
@@ -186,12 +182,7 @@ def params_from_torch(state_dict: Mapping[str, Any], num_layers: int = 50,
                             "bn1d": p_bn1d}
   stats["output_layer"] = {"bn2d": s_bn2d, "bn1d": s_bn1d}
 
-  variables = {"params": params, "batch_stats": stats}
-  model = IRSE50(num_layers=num_layers)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, input_size, input_size, 3), jnp.float32))
-  check_tree(reader.what, variables, expected, reader)
-  return jax.tree_util.tree_map(jnp.asarray, variables)
+  return {"params": params, "batch_stats": stats}
 
 
 # --- IDLoss preprocessing ----------------------------------------------------------------------

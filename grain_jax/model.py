@@ -1,6 +1,6 @@
 """The composed GRAIN model: downscale(x) -> lr, upscale(lr) -> hr_inv, hr_gan, hr, codes.
 
-    x --Rescaler.encode--> lr_float --quantize--> lr --Rescaler.decode--> hr_inv, features
+    x --InvRRDB.encode--> lr_float --quantize--> lr --InvRRDB.decode--> hr_inv, features
     features --Fea2Code (+ latent_avg)--> W+ codes --StyleGAN2 G--> hr_gan, G features
     (decoder features, G features) --Fusion--> hr
 """
@@ -12,26 +12,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from grain_jax import networks
 from grain_jax.fea2code import Fea2Code
 from grain_jax.fusion import Fusion
-from grain_jax.rescaler import Rescaler, quantize
+from grain_jax.invrrdb import InvRRDB
+from grain_jax.networks import MODEL_NETWORKS
+from grain_jax.quantizer import quantize
 from grain_jax.stylegan2 import Generator
 
 
-NETWORKS = ("rescaler", "fea2code", "generator", "fusion")
-
-
 class GRAIN(nn.Module):
-  """Rescaler + Fea2Code + StyleGAN2 generator + Fusion, built from one model config.
+  """Rescaler (InvRRDB) + Fea2Code + StyleGAN2 generator + Fusion, built from one model config.
 
   Variables: {'params': {'rescaler', 'fea2code', 'generator', 'fusion'},
-              'buffers': {'generator': {noise_i, latent_avg}}}. A method only needs the
-  variables of the networks it runs (e.g. `downscale` only the rescaler's).
+              'buffers': {'generator': {noise_i, latent_avg}}} (`model_variables` makes them
+  from per-network variables). A method only needs the variables of the networks it runs
+  (e.g. `downscale` only the rescaler's).
   """
-  rescaler: Rescaler | None
+  rescaler: InvRRDB | None
   fea2code: Fea2Code | None
   generator: Generator | None
   fusion: Fusion | None
+  hr_size: int
+  lr_size: int
   start_from_latent_avg: bool = True
   # Mixed precision: the networks compute in this dtype (float32 or bfloat16). Parameters
   # stay float32 where they are kept (optimizer, checkpoints); `apply` casts a copy, so
@@ -40,17 +43,22 @@ class GRAIN(nn.Module):
   compute_dtype: Any = jnp.float32
 
   @classmethod
-  def from_config(cls, cfg, networks=NETWORKS) -> "GRAIN":
-    """Builds the networks named in `networks` (others are None) from a model config.
+  def from_config(cls, cfg, parts=MODEL_NETWORKS) -> "GRAIN":
+    """Builds the networks named in `parts` (others are None) from a model config.
 
     Only the parts built are validated, so e.g. a rescaler-only checkpoint may use a config
     whose generator sizes would not fit.
     """
-    build = {"rescaler": Rescaler.from_config, "fea2code": Fea2Code.from_config,
-             "generator": Generator.from_config, "fusion": Fusion.from_config}
-    parts = {name: (fn(cfg) if name in networks else None) for name, fn in build.items()}
-    return cls(**parts, start_from_latent_avg=bool(cfg.fea2code.start_from_latent_avg),
+    built = {name: (networks.build(name, cfg) if name in parts else None)
+             for name in MODEL_NETWORKS}
+    return cls(**built, hr_size=int(cfg.hr_size), lr_size=int(cfg.lr_size),
+               start_from_latent_avg=bool(cfg.fea2code.start_from_latent_avg),
                compute_dtype=compute_dtype(cfg))
+
+  @property
+  def parts(self) -> tuple[str, ...]:
+    """The networks this model was built with."""
+    return tuple(n for n in MODEL_NETWORKS if getattr(self, n) is not None)
 
   def apply(self, variables, *args, **kwargs):
     """Module.apply with the float variables cast to `compute_dtype` (a no-op in float32)."""
@@ -132,37 +140,56 @@ def cast_floats(tree, dtype):
       lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
 
 
-def init_variables(model: GRAIN, seed: int, hr_size: int, batch: int = 1):
-  """Fresh random variables for the networks of `model`.
+def model_variables(per_network: dict) -> dict:
+  """{network: variables} (the weights layout) -> the composed model's variables, for the
+  model networks among them: {'params': {name: ...}, 'buffers': {'generator': ...}}."""
+  out: dict = {"params": {}}
+  for name in MODEL_NETWORKS:
+    for collection, value in per_network.get(name, {}).items():
+      out.setdefault(collection, {})[name] = value
+  return out
+
+
+def per_network_variables(variables: dict) -> dict:
+  """The inverse of `model_variables`: {network: {'params': ...[, 'buffers': ...]}}."""
+  out: dict = {}
+  for collection, by_name in variables.items():
+    for name, value in by_name.items():
+      out.setdefault(name, {})[collection] = value
+  return out
+
+
+def init_variables(model: GRAIN, seed: int, batch: int = 1):
+  """Fresh random variables for the networks of `model` (one compilation for all of them).
 
   Uses an RngBitGenerator key ('unsafe_rbg'): XLA:CPU compiles the per-parameter random
   initialisers about 4x faster than with the default threefry key (small config: ~30 s
   instead of ~2 min), and initial weights need no cross-platform reproducibility.
   """
   rng = jax.random.key(seed, impl="unsafe_rbg")
-  return jax.jit(model.init)(rng, jnp.zeros((batch, hr_size, hr_size, 3), jnp.float32))
+  hr = model.hr_size
+  return jax.jit(model.init)(rng, jnp.zeros((batch, hr, hr, 3), jnp.float32))
 
 
-def placeholder_tree(init, *shapes, seed: int = 0):
-  """Variables of `init(rng, *inputs)` (float32 inputs of `shapes`) with small random values,
-  made on the host in seconds; BatchNorm variances are 1 so the networks stay finite.
+def placeholder_values(abstract_tree, seed: int = 0):
+  """Host arrays of small random values for an abstract variables tree (`jax.eval_shape` of
+  an init), made in seconds; BatchNorm variances are 1 so the networks stay finite.
 
-  For timing and memory measurements only (the cost does not depend on the values): it
-  skips compiling Flax's random initialisers, which takes minutes at 1024 on a CPU.
+  For timing and memory measurements, and for states a checkpoint will overwrite: it skips
+  compiling Flax's random initialisers, which takes minutes at 1024 on a CPU.
   """
   import numpy as np
 
-  tree = jax.eval_shape(init, jax.random.key(0),
-                        *[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
   rng = np.random.default_rng(seed)
 
   def value(path, s):
     if getattr(path[-1], "key", None) == "var":  # BatchNorm running variance
       return np.ones(s.shape, s.dtype)
     return (0.02 * rng.standard_normal(s.shape)).astype(s.dtype)
-  return jax.tree_util.tree_map_with_path(value, tree)
+  return jax.tree_util.tree_map_with_path(value, abstract_tree)
 
 
-def placeholder_variables(model: GRAIN, hr_size: int, seed: int = 0):
-  """`placeholder_tree` of a GRAIN model's variables."""
-  return placeholder_tree(model.init, (1, hr_size, hr_size, 3), seed=seed)
+def placeholder_variables(model: GRAIN, seed: int = 0):
+  """`placeholder_values` of a GRAIN model's variables."""
+  x = jax.ShapeDtypeStruct((1, model.hr_size, model.hr_size, 3), jnp.float32)
+  return placeholder_values(jax.eval_shape(model.init, jax.random.key(0), x), seed)

@@ -1,11 +1,11 @@
 """Rescale your own pictures: HR images -> 8-bit LR PNGs, and LR PNGs -> HR PNGs.
 
-    python -m grain_jax.rescale down --checkpoint CKPT INPUT... --out DIR
-    python -m grain_jax.rescale up   --checkpoint CKPT LR_PNG... --out DIR
+    grain-jax down --checkpoint CKPT INPUT... --out DIR
+    grain-jax up   --checkpoint CKPT LR_PNG... --out DIR
 
 INPUT and LR_PNG are image files or folders (searched recursively; the folder structure is
-kept under DIR). CKPT is a converted weights directory (convert_weights.py) or a training
-workdir (train.py). Outputs are PNGs named after their inputs: NAME.png (the LR image for
+kept under DIR). CKPT is a converted weights directory (grain-jax convert) or a training
+workdir (grain-jax train). Outputs are PNGs named after their inputs: NAME.png (the LR image for
 `down`, the final HR image for `up`; `up --save hr,hr_inv,hr_gan` adds NAME_hr_inv.png and
 NAME_hr_gan.png).
 
@@ -22,7 +22,6 @@ processed, and the exit status is 1 if any file failed (2 for a bad command or c
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import os
 import sys
@@ -30,9 +29,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from grain_jax import data as data_lib
-from grain_jax import images
-from grain_jax.rescaler import lr_to_uint8, uint8_to_lr
+from grain_jax import images, prefetch
+from grain_jax.quantizer import lr_to_uint8, uint8_to_lr
 
 UPSCALE_OUTPUTS = ("hr", "hr_inv", "hr_gan")
 
@@ -47,7 +45,7 @@ def read_lr(path: str, lr_size: int) -> tuple[np.ndarray, str | None]:
       if img.size != (lr_size, lr_size):
         raise images.ImageError(
             f"{path}: {img.size[0]}x{img.size[1]} is not an LR image of this checkpoint "
-            f"({lr_size}x{lr_size}); make LR files with `rescale down`")
+            f"({lr_size}x{lr_size}); make LR files with `grain-jax down`")
       img.load()
       rgb01, note = images.decode(img)
   except (OSError, ValueError, SyntaxError) as e:
@@ -58,14 +56,14 @@ def read_lr(path: str, lr_size: int) -> tuple[np.ndarray, str | None]:
   return uint8_to_lr(u8), note
 
 
-def rescale(direction: str, grain, inputs: list[str], out_dir: str, batch_size: int = 1,
-            save: tuple[str, ...] = ("hr",), workers: int = 4, progress: bool = True) -> int:
-  """Runs `down` or `up` over files and folders; returns the number of failed inputs."""
-  from tqdm import tqdm
+def _suffixes(direction: str, save) -> list[str]:
+  """Output file suffixes: NAME.png for the LR (down) or hr (up), NAME_hr_inv.png, ..."""
+  return [""] if direction == "down" else ["" if k == "hr" else f"_{k}" for k in save]
 
-  grain.require("downscale" if direction == "down" else "upscale")
-  hr, lr = grain.hr_size, grain.lr_size
-  out_dir = os.path.abspath(out_dir)
+
+def plan(direction: str, inputs: list[str], out_dir: str, save=("hr",)):
+  """(input files, their output names, inputs that do not exist); refuses before anything is
+  written if two inputs share an output name or an output would overwrite an input."""
   files, missing = [], []
   for item in inputs:
     if os.path.exists(item):
@@ -73,18 +71,28 @@ def rescale(direction: str, grain, inputs: list[str], out_dir: str, batch_size: 
     else:
       missing.append(item)
   names = images.output_names(files)
-  suffixes = [""] if direction == "down" else [
-      "" if k == "hr" else f"_{k}" for k in save]
   targets = {os.path.realpath(os.path.join(out_dir, os.path.splitext(n)[0] + s + ".png"))
-             for n in names for s in suffixes}
+             for n in names for s in _suffixes(direction, save)}
   clash = [f.path for f in files if os.path.realpath(f.path) in targets]
   if clash:
     raise ValueError(f"writing to {out_dir} would overwrite the input {clash[0]}; "
                      f"choose another --out")
+  return files, names, missing
 
+
+def rescale(direction: str, loaded, inputs: list[str], out_dir: str, batch_size: int = 1,
+            save: tuple[str, ...] = ("hr",), workers: int = 4, progress: bool = True) -> int:
+  """Runs `down` or `up` with a LoadedModel over files and folders; returns the number of
+  failed inputs."""
+  from tqdm import tqdm
+
+  loaded.require("downscale" if direction == "down" else "upscale")
+  hr, lr = loaded.hr_size, loaded.lr_size
+  out_dir = os.path.abspath(out_dir)
+  files, names, missing = plan(direction, inputs, out_dir, save)
   bar = tqdm(total=len(files), unit="img", desc=f"rescale {direction}", disable=not progress,
              file=sys.stderr)
-  report = data_lib.Report(lambda s: tqdm.write(s, file=sys.stderr))
+  report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
   for m in missing:
     report.fail(m, "no such file or folder")
 
@@ -97,16 +105,16 @@ def rescale(direction: str, grain, inputs: list[str], out_dir: str, batch_size: 
     return images.to_model(images.resize_square(img, hr)), note
 
   def run(batch):
-    x = data_lib.pad_batch(batch, batch_size)
+    x = prefetch.pad_batch(batch, batch_size)
     if direction == "down":
-      return {"": lr_to_uint8(grain.downscale(x))}
-    out = grain.upscale(x)
-    return {("" if k == "hr" else f"_{k}"): images.to_uint8(out[k]) for k in save}
+      return [lr_to_uint8(loaded.downscale(x))]
+    out = loaded.upscale(x)
+    return [images.to_uint8(out[k]) for k in save]
 
   def write(idx, result):
     for j, i in enumerate(idx):
       stem = os.path.join(out_dir, os.path.splitext(names[i])[0])
-      for suffix, arr in result.items():
+      for suffix, arr in zip(_suffixes(direction, save), result):
         images.write_png(stem + suffix + ".png", arr[j])
 
   def on_error(i, err):
@@ -115,12 +123,12 @@ def rescale(direction: str, grain, inputs: list[str], out_dir: str, batch_size: 
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as writer:
     writes = []
-    stream = data_lib.prefetch(load, range(len(files)), workers, 2 * batch_size + 4)
-    for group in data_lib.batches(stream, batch_size, on_error):
+    stream = prefetch.prefetch(load, range(len(files)), workers, 2 * batch_size + 4)
+    for group in prefetch.batches(stream, batch_size, on_error):
       for i, (_, note) in group:
         report.note(files[i].name, note)
-      idx = [i for i, _ in group]
-      writes.append(writer.submit(write, idx, run([arr for _, (arr, _) in group])))
+      writes.append(writer.submit(write, [i for i, _ in group],
+                                  run([arr for _, (arr, _) in group])))
       bar.update(len(group))
     for w in writes:
       w.result()  # a write error (disk full, permissions) is not swallowed
@@ -132,48 +140,7 @@ def rescale(direction: str, grain, inputs: list[str], out_dir: str, batch_size: 
   return len(report.failed)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m grain_jax.rescale", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="direction", required=True, metavar="{down,up}")
-  for direction, what in (("down", "HR images -> 8-bit LR PNGs"),
-                          ("up", "LR PNGs -> HR PNGs")):
-    p = sub.add_parser(direction, help=what, description=what)
-    p.add_argument("--checkpoint", required=True,
-                   help="converted weights directory (convert_weights.py) or training "
-                        "workdir (train.py; its latest weights)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files or folders" if direction == "down" else
-                   "LR PNG files or folders (made by `rescale down`)")
-    p.add_argument("--out", required=True, help="output folder (created if needed)")
-    p.add_argument("--batch_size", type=int, default=1, help="images per call (default 1)")
-    p.add_argument("--workers", type=int, default=4, help="background I/O threads")
-    p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16: mixed precision (float32 weights, faster on GPU/TPU)")
-    if direction == "up":
-      p.add_argument("--save", default="hr",
-                     help="comma-separated outputs to write: hr (final, NAME.png), hr_inv "
-                          "(rescaler, NAME_hr_inv.png), hr_gan (StyleGAN2, NAME_hr_gan.png); "
-                          "default: hr")
-  args = parser.parse_args(argv)
-  save = tuple(s.strip() for s in getattr(args, "save", "hr").split(",") if s.strip())
-  bad = [s for s in save if s not in UPSCALE_OUTPUTS]
-  if bad or not save:
-    parser.error(f"--save: unknown output(s) {bad}; choose from {', '.join(UPSCALE_OUTPUTS)}")
-  if args.batch_size < 1:
-    parser.error("--batch_size must be >= 1")
-
-  from grain_jax.api import enable_compilation_cache, load
-  enable_compilation_cache()
-  try:
-    grain = load(args.checkpoint, args.compute_dtype)
-    failed = rescale(args.direction, grain, args.inputs, args.out, args.batch_size, save,
-                     args.workers)
-  except (OSError, ValueError, RuntimeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 1 if failed else 0
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  from grain_jax import cli
+  sys.exit(cli.main(prog="python -m grain_jax.rescale", commands=("down", "up"),
+                    description=__doc__))

@@ -22,7 +22,7 @@ import numpy as np
 
 from grain_jax.layers import (EqualLinear, FusedLeakyReLU, blur, check_fir_buffer,
                               separable_taps, upfirdn2d)
-from grain_jax.torch_import import CheckpointError, TorchReader, check_tree
+from grain_jax.torch_import import CheckpointError, TorchReader
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -33,6 +33,11 @@ def default_channels(size: int, channel_multiplier: int = 2) -> tuple[int, ...]:
            128: 128 * channel_multiplier, 256: 64 * channel_multiplier,
            512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
   return tuple(table[2 ** i] for i in range(2, int(math.log2(size)) + 1))
+
+
+def generator_channels(cfg) -> tuple[int, ...]:
+  """model.generator.channels of a model config; () = rosinality's widths for hr_size."""
+  return tuple(cfg.generator.channels) or default_channels(int(cfg.hr_size))
 
 
 def conv_transpose_stride2(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -289,7 +294,7 @@ class Generator(nn.Module):
   @classmethod
   def from_config(cls, cfg, impl: str | None = None) -> "Generator":
     g = cfg.generator
-    return cls(cfg.hr_size, g.style_dim, g.n_mlp, tuple(g.channels), g.lr_mlp,
+    return cls(cfg.hr_size, g.style_dim, g.n_mlp, generator_channels(cfg), g.lr_mlp,
                tuple(g.blur_kernel), impl or g.get("modconv_impl", "scale"),
                bool(cfg.get("remat", False)))
 
@@ -310,46 +315,33 @@ def _to_rgb_from_torch(rd: TorchReader, key: str) -> dict:
           "bias": None if b is None else b.reshape(-1)}
 
 
-def generator_params_from_torch(ckpt: dict, model: Generator) -> dict:
-  """rosinality checkpoint {'g_ema': state_dict, 'latent_avg': (512,)} -> Flax variables.
-
-  Returns {'params', 'buffers'}; the FIR kernel buffers are checked against the configured
-  blur kernel. A file without latent_avg is refused (GRAIN starts its codes from it).
+def from_torch(rd: TorchReader, model: Generator) -> dict:
+  """rosinality's g_ema state dict, plus the checkpoint's `latent_avg` under that key ->
+  {'params', 'buffers'}. The FIR kernel buffers are checked against the configured blur kernel.
   """
-  if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
-    keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise CheckpointError(f"StyleGAN2 generator: expected a rosinality checkpoint with a "
-                          f"'g_ema' entry, found {keys}")
-  if "latent_avg" not in ckpt:
-    raise CheckpointError("StyleGAN2 generator: the file has no 'latent_avg' (GRAIN adds it "
-                          "to every code); convert one saved with latent_avg")
-  rd = TorchReader(ckpt["g_ema"], "StyleGAN2 generator (g_ema)")
-  problems = []
+  n_noise = sum(1 for k in rd.sd if k.startswith("noises.noise_"))
+  if n_noise and n_noise != model.num_layers:
+    size = 2 ** ((n_noise + 3) // 2)
+    raise CheckpointError(
+        f"{rd.what}: a {size}px generator, but the model config is for {model.size}px "
+        f"(set --config.model.hr_size={size}, and --config.model.lr_size to match)")
   params = {f"style_{i}": rd.dense(f"style.{i}") for i in range(1, model.n_mlp + 1)}
   inp = rd.get("input.input")
   params["input"] = None if inp is None else np.transpose(inp, (0, 2, 3, 1))
   params["conv1"] = _styled_from_torch(rd, "conv1")
   params["to_rgb1"] = _to_rgb_from_torch(rd, "to_rgb1")
-  bk = tuple(model.blur_kernel)
   for j in range(len(model.channels) - 1):
     for m in (2 * j, 2 * j + 1):
       params[f"convs_{m}"] = _styled_from_torch(rd, f"convs.{m}")
-    problems += check_fir_buffer(rd.sd.get(f"convs.{2 * j}.conv.blur.kernel"), bk, 4.0,
-                                 f"convs.{2 * j}.conv.blur.kernel")
-    rd.ignore(f"convs.{2 * j}.conv.blur.kernel")
     params[f"to_rgbs_{j}"] = _to_rgb_from_torch(rd, f"to_rgbs.{j}")
-    problems += check_fir_buffer(rd.sd.get(f"to_rgbs.{j}.upsample.kernel"), bk, 4.0,
-                                 f"to_rgbs.{j}.upsample.kernel")
-    rd.ignore(f"to_rgbs.{j}.upsample.kernel")
+    for key in (f"convs.{2 * j}.conv.blur.kernel", f"to_rgbs.{j}.upsample.kernel"):
+      for problem in check_fir_buffer(rd.sd.get(key), model.blur_kernel, 4.0, key):
+        rd.problem(problem)
+      rd.ignore(key)
   buffers = {}
   for i in range(model.num_layers):
     v = rd.get(f"noises.noise_{i}")
     buffers[f"noise_{i}"] = None if v is None else np.transpose(v, (0, 2, 3, 1))
-  buffers["latent_avg"] = np.asarray(ckpt["latent_avg"], np.float32).reshape(-1)
-  if problems:
-    raise CheckpointError("StyleGAN2 generator: " + "; ".join(problems))
-  variables = {"params": params, "buffers": buffers}
-  expected = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), [jnp.zeros((1, model.style_dim))]))
-  check_tree("StyleGAN2 generator (g_ema)", variables, expected, rd)
-  return variables
+  v = rd.get("latent_avg")
+  buffers["latent_avg"] = None if v is None else v.reshape(-1)
+  return {"params": params, "buffers": buffers}

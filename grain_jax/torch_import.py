@@ -4,9 +4,10 @@ A checkpoint is untrusted input: `.pt` files are pickles, so they are opened wit
 `torch.load(weights_only=True)`, which refuses to run arbitrary pickled code (only tensors,
 plain containers and a short allow-list of harmless classes are accepted).
 
-Each model module has a `params_from_torch(state_dict, ...)` that builds its Flax parameters
-with a `TorchReader`; the reader records which keys were used, which were missing, and
-which were never read, so a bad file is reported in full, by key, before anything is written.
+Each network module has a `from_torch(reader, module)` that builds its Flax variables with a
+`TorchReader`; the reader records which keys were used, which were missing, and which were
+never read, so a bad file is reported in full, by key, before anything is written
+(networks.py checks the result against the configured model with `check_tree`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import argparse
 import os
 from typing import Any, Mapping
 
-import jax
 import numpy as np
+from flax import traverse_util
 
 
 class CheckpointError(ValueError):
@@ -56,11 +57,6 @@ def _to_numpy(obj: Any) -> Any:
   return obj
 
 
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-  """Returns the entries whose key starts with `prefix`, with the prefix removed."""
-  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 class TorchReader:
   """Hands out tensors of a PyTorch state dict in Flax layout, and keeps account.
 
@@ -68,19 +64,19 @@ class TorchReader:
   that `finish()` can report every problem of a file in one message.
   """
 
-  def __init__(self, state_dict: Mapping[str, Any], what: str, prefix: str = ""):
+  def __init__(self, state_dict: Mapping[str, Any], what: str):
     self.sd = dict(state_dict)
     self.what = what
-    self.prefix = prefix
     self.used: set[str] = set()
     self.missing: list[str] = []
     self.ignored: set[str] = set()
+    self.problems: list[str] = []
 
   def get(self, key: str) -> np.ndarray | None:
     """The tensor stored under `key` (as float32 if it is floating point)."""
     self.used.add(key)
     if key not in self.sd:
-      self.missing.append(self.prefix + key)
+      self.missing.append(key)
       return None
     v = np.asarray(self.sd[key])
     return v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
@@ -91,6 +87,13 @@ class TorchReader:
 
   def ignore_suffix(self, suffix: str) -> None:
     self.ignored.update(k for k in self.sd if k.endswith(suffix))
+
+  def ignore_prefix(self, prefix: str) -> None:
+    self.ignored.update(k for k in self.sd if k.startswith(prefix))
+
+  def problem(self, message: str) -> None:
+    """A problem other than a missing or unexpected key (reported with them)."""
+    self.problems.append(message)
 
   def conv(self, key: str, bias: bool = True) -> dict:
     """A torch Conv2d (O, I, kh, kw) as a Flax conv {'kernel': (kh, kw, I, O), 'bias'}."""
@@ -112,8 +115,7 @@ class TorchReader:
     return sorted(k for k in self.sd if k not in self.used and k not in self.ignored)
 
 
-def check_tree(what: str, params: Any, expected: Any, reader: TorchReader | None = None,
-               allow_unused: bool = False) -> None:
+def check_tree(what: str, params: Any, expected: Any, reader: TorchReader | None = None) -> None:
   """Raises CheckpointError naming every missing/unknown key and wrong shape.
 
   `expected` is the abstract tree of the Flax model (`jax.eval_shape(model.init, ...)`),
@@ -125,12 +127,13 @@ def check_tree(what: str, params: Any, expected: Any, reader: TorchReader | None
       problems.append(f"missing keys ({len(reader.missing)}): " + ", ".join(reader.missing[:20])
                       + (" ..." if len(reader.missing) > 20 else ""))
     unused = reader.unused()
-    if unused and not allow_unused:
+    if unused:
       problems.append(f"unexpected keys ({len(unused)}): "
-                      + ", ".join(reader.prefix + k for k in unused[:20])
+                      + ", ".join(unused[:20])
                       + (" ..." if len(unused) > 20 else ""))
-  got = dict(_flatten(params))
-  want = dict(_flatten(expected))
+    problems += reader.problems
+  got = traverse_util.flatten_dict(params, sep="/")
+  want = traverse_util.flatten_dict(expected, sep="/")
   for path, spec in want.items():
     if path not in got:
       if reader is None or not reader.missing:
@@ -147,9 +150,3 @@ def check_tree(what: str, params: Any, expected: Any, reader: TorchReader | None
       problems.append(f"parameter {path} is not part of the configured model")
   if problems:
     raise CheckpointError(f"{what}: " + "; ".join(problems))
-
-
-def _flatten(tree: Any):
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-  for path, v in leaves:
-    yield "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), v

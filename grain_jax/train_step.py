@@ -1,9 +1,11 @@
-"""GRAIN's four training stages: the train state and one jitted, data-parallel training step.
+"""The train state and one jitted, data-parallel training step of a GRAIN stage (stages.py).
 
 A step is written per device, in the pmap style: it sees its shard of the global batch,
 averages gradients (and the batch statistics that couple samples) with `lax.pmean` over the
 "data" axis, and leaves every replica with the same new state. `make_parallel_step` runs it
-over all devices with `jax.shard_map` under `jax.jit` on a ("data",) mesh.
+over all devices with `jax.shard_map` under `jax.jit` on a ("data",) mesh; `create_training`
+builds the state and that step for a config (what the trainer, the benchmark and the tests
+use).
 
 Each step follows coaches/coachTrain.py:
   1. every `d_every`-th step (step % d_every == 0) the discriminator is updated first, on a
@@ -23,46 +25,22 @@ on the same global batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import losses, optim
-from grain_jax.discriminators import PatchDiscriminator, StyleGAN2Discriminator
+from grain_jax import losses, networks, optim, stages
 from grain_jax.model import GRAIN
-from grain_jax.rescaler import quantize_with_noise
+from grain_jax.quantizer import quantize_with_noise
 
 AXIS = "data"
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  trains: tuple[str, ...]    # networks updated by the optimizer
-  runs: tuple[str, ...]      # networks the forward pass needs
-  output: str                # the image the losses judge
-  discriminator: str         # 'patch' (stage 1) or 'stylegan2'
-
-
-STAGES = {
-    "invrrdb": Stage(("rescaler",), ("rescaler",), "hr_inv", "patch"),
-    "fea2code": Stage(("fea2code",), ("rescaler", "fea2code", "generator"), "hr_gan",
-                      "stylegan2"),
-    "fusion": Stage(("fusion",), ("rescaler", "fea2code", "generator", "fusion"), "hr",
-                    "stylegan2"),
-    "finetune": Stage(("rescaler", "fea2code", "fusion"),
-                      ("rescaler", "fea2code", "generator", "fusion"), "hr", "stylegan2"),
-}
-
-
-def get_stage(name: str) -> Stage:
-  if name not in STAGES:
-    raise ValueError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
-  return STAGES[name]
+LOSS_TERMS = ("l2", "lr_l2", "lpips", "id", "adv")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -77,28 +55,42 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array       # raw uint32 key data (checkpointable)
 
 
-def grain_variables(state: TrainState) -> dict:
-  """The GRAIN variables (trained + frozen, including networks the stage does not run)."""
+def model_variables(state: TrainState) -> dict:
+  """The GRAIN model's variables (trained + frozen, including networks the stage does not run)."""
   params = dict(state.frozen["params"])
   params.update(optim.model_params(state.params))
   return {"params": params, "buffers": state.frozen.get("buffers", {})}
 
 
-def build_discriminator(cfg, stage: Stage, axis_name: str | None = AXIS) -> nn.Module:
-  if stage.discriminator == "patch":
-    pd = cfg.model.patch_discriminator
-    return PatchDiscriminator(tuple(pd.widths), int(pd.input_size), axis_name=axis_name)
-  d = cfg.model.discriminator
-  return StyleGAN2Discriminator(int(cfg.model.hr_size), tuple(d.channels),
-                                tuple(cfg.model.generator.blur_kernel),
-                                stddev_group=int(d.stddev_group))
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """What a step needs besides its arguments (from the config, fixed for a run)."""
+  model: GRAIN
+  disc: nn.Module
+  tx: optax.GradientTransformation
+  d_tx: optax.GradientTransformation
+  stage: stages.Stage
+  weights: dict          # loss term -> weight (0 = off)
+  loss_nets: frozenset   # loss networks whose variables are passed in: 'lpips', 'irse50'
+  d_every: int           # 0: the discriminator is never updated (benchmarks time the G step)
+  r1_every: int
+  r1_gamma: float
+  axis_name: str | None = AXIS
+
+  @property
+  def patch(self) -> bool:
+    return self.stage.discriminator == "patch_discriminator"
+
+  def pmean(self, tree):
+    return jax.lax.pmean(tree, self.axis_name) if self.axis_name else tree
 
 
-def _example_noise(rng, index, model: GRAIN, lr_size: int):
+# ------------------------------------------------------------------------------ forward
+
+def _example_noise(rng, index, model: GRAIN):
   """Quantizer noise (lr, lr, 3) and generator noise maps for one example of the global batch."""
-  k = jax.random.fold_in(rng, index)
-  kq, kg = jax.random.split(k)
-  q = jax.random.uniform(kq, (lr_size, lr_size, 3), jnp.float32, -0.5, 0.5)
+  kq, kg = jax.random.split(jax.random.fold_in(rng, index))
+  q = jax.random.uniform(kq, (model.lr_size, model.lr_size, 3), jnp.float32, -0.5, 0.5)
   g = []
   if model.generator is not None:
     shapes = model.generator.noise_shapes()
@@ -106,14 +98,14 @@ def _example_noise(rng, index, model: GRAIN, lr_size: int):
   return q, g
 
 
-def batch_noise(rng, n_local: int, model: GRAIN, lr_size: int, axis_name: str | None):
+def batch_noise(rng, n_local: int, model: GRAIN, axis_name: str | None):
   """Per-example noise for this device's shard, keyed by global example index."""
   offset = jax.lax.axis_index(axis_name) * n_local if axis_name else 0
   idx = offset + jnp.arange(n_local)
-  return jax.vmap(lambda i: _example_noise(rng, i, model, lr_size))(idx)
+  return jax.vmap(lambda i: _example_noise(rng, i, model))(idx)
 
 
-def forward(model: GRAIN, variables, x, q_noise, g_noise, stage: Stage) -> dict:
+def forward(model: GRAIN, variables, x, q_noise, g_noise, stage: stages.Stage) -> dict:
   """Training forward pass up to the stage's output: dict(lr_float, lr, hr_inv[, hr_gan][, hr])."""
   def run(m, x):
     lr_float = m.encode(x)
@@ -129,116 +121,99 @@ def forward(model: GRAIN, variables, x, q_noise, g_noise, stage: Stage) -> dict:
   return model.apply(variables, x, method=run)
 
 
-def make_train_step(cfg, model: GRAIN, disc: nn.Module, tx: optax.GradientTransformation,
-                    d_tx: optax.GradientTransformation, loss_nets: dict,
-                    axis_name: str | None = AXIS) -> Callable:
-  """The per-device step (state, batch, loss_variables) -> (state, metrics).
+# ------------------------------------------------------------------------------ the step
 
-  `batch` is dict(x=inputs, y=targets), NHWC in [-1, 1]; `loss_nets` names the loss networks
-  whose variables are passed in: 'lpips', 'irse50' (absent ones are off).
-  """
-  stage = get_stage(cfg.stage)
-  w = cfg.loss
-  lr_size = int(cfg.model.lr_size)
-  patch = stage.discriminator == "patch"
-  use_adv = w.adv > 0
-  update_d = use_adv and cfg.d_every > 0  # d_every 0: D frozen (benchmarks time the G step)
-  pmean = (lambda t: jax.lax.pmean(t, axis_name)) if axis_name else (lambda t: t)
-
-  def d_apply(d_params, d_stats, img):
-    """Discriminator logits; the patch D uses batch statistics and returns new ones."""
-    if patch:
-      logits, upd = disc.apply({"params": d_params, "batch_stats": d_stats}, img, train=True,
+def discriminator_logits(s: StepSetup, d_params, d_stats, img):
+  """Logits and new BatchNorm statistics (the patch D normalises with batch statistics)."""
+  if s.patch:
+    logits, upd = s.disc.apply({"params": d_params, "batch_stats": d_stats}, img, train=True,
                                mutable=["batch_stats"])
-      return logits, upd["batch_stats"]
-    return disc.apply({"params": d_params}, img), d_stats
+    return logits, upd["batch_stats"]
+  return s.disc.apply({"params": d_params}, img), d_stats
 
-  def fake_images(state, x, noise):
-    out = forward(model, grain_variables(state), x, *noise, stage)
-    return jax.lax.stop_gradient(out[stage.output])
 
-  def d_update(state, x, y, noise):
-    fake = fake_images(state, x, noise)
+def _r1_update(s: StepSetup, d_params, d_opt_state, grads, real):
+  """The lazy-R1 update: the logistic-loss gradient plus the weighted R1 gradient."""
+  r1_fn = lambda p: losses.r1_penalty(lambda img: s.disc.apply({"params": p}, img), real)
+  r1, r1_grads = jax.value_and_grad(r1_fn)(optim.model_params(d_params))
+  scale = s.r1_gamma / 2 * s.r1_every
+  total = jax.tree_util.tree_map(lambda g, h: g + scale * h, grads, s.pmean(r1_grads))
+  updates, d_opt_state = s.d_tx.update(total, d_opt_state, d_params)
+  return optax.apply_updates(d_params, updates), d_opt_state, r1
 
-    def loss_fn(d_params):
-      real_logits, stats = d_apply(d_params, state.d_batch_stats, y)
-      fake_logits, stats = d_apply(d_params, stats, fake)
-      if patch:
-        loss = losses.relativistic_discriminator(real_logits, fake_logits, axis_name)
-      else:
-        loss = losses.logistic_discriminator(real_logits, fake_logits)
-      return loss, stats
 
+def discriminator_update(s: StepSetup, state: TrainState, x, y, noise):
+  """One discriminator step (and the lazy R1 step when due) on a fresh fake batch."""
+  fake = jax.lax.stop_gradient(
+      forward(s.model, model_variables(state), x, *noise, s.stage)[s.stage.output])
+
+  def loss_fn(d_params):
+    real_logits, stats = discriminator_logits(s, d_params, state.d_batch_stats, y)
+    fake_logits, stats = discriminator_logits(s, d_params, stats, fake)
+    if s.patch:
+      return losses.relativistic_discriminator(real_logits, fake_logits, s.axis_name), stats
+    return losses.logistic_discriminator(real_logits, fake_logits), stats
+
+  (d_loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      optim.model_params(state.d_params))
+  grads = s.pmean(grads)
+  updates, d_opt_state = s.d_tx.update(grads, state.d_opt_state, state.d_params)
+  d_params = optax.apply_updates(state.d_params, updates)
+  r1 = jnp.zeros(())
+  if not s.patch:
+    d_params, d_opt_state, r1 = jax.lax.cond(
+        state.step % s.r1_every == 0,
+        lambda a: _r1_update(s, *a, grads, y),
+        lambda a: (*a, jnp.zeros(())), (d_params, d_opt_state))
+  state = state.replace(d_params=d_params, d_opt_state=d_opt_state,
+                        d_batch_stats=s.pmean(stats) if s.patch else stats)
+  return state, {"d_loss": s.pmean(d_loss), "r1": s.pmean(r1)}
+
+
+def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_vars):
+  """(weighted total, {term: value}) of the stage's output against the targets."""
+  out = forward(s.model, model_variables(state.replace(params=trained)), x, *noise, s.stage)
+  hr = out[s.stage.output]
+  w = s.weights
+  terms = {"l2": losses.l2(hr, y)}
+  if w["lr_l2"] > 0:
+    terms["lr_l2"] = losses.lr_l2(out["lr_float"], y)
+  if w["lpips"] > 0 and "lpips" in s.loss_nets:
+    terms["lpips"] = losses.lpips(loss_vars["lpips"], hr, y)
+  if w["id"] > 0 and "irse50" in s.loss_nets:
+    terms["id"] = losses.identity(loss_vars["irse50"], hr, y)
+  if w["adv"] > 0:
     d_model = optim.model_params(state.d_params)
-    (d_loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_model)
-    grads = pmean(grads)
-    updates, d_opt_state = d_tx.update(grads, state.d_opt_state, state.d_params)
-    d_params = optax.apply_updates(state.d_params, updates)
-    r1 = jnp.zeros(())
-    if not patch:
-      def with_r1(args):
-        d_params, d_opt_state = args
-        r1_fn = lambda p: losses.r1_penalty(lambda img: disc.apply({"params": p}, img), y)
-        r1, r1_grads = jax.value_and_grad(r1_fn)(optim.model_params(d_params))
-        scale = cfg.r1_gamma / 2 * cfg.r1_every
-        total = jax.tree_util.tree_map(lambda g, h: g + scale * h, grads, pmean(r1_grads))
-        updates, d_opt_state = d_tx.update(total, d_opt_state, d_params)
-        return optax.apply_updates(d_params, updates), d_opt_state, r1
+    fake_logits, _ = discriminator_logits(s, d_model, state.d_batch_stats, hr)
+    if s.patch:
+      real_logits, _ = discriminator_logits(s, d_model, state.d_batch_stats, y)
+      terms["adv"] = losses.relativistic_generator(fake_logits, real_logits, s.axis_name)
+    else:
+      terms["adv"] = losses.nonsaturating_generator(fake_logits)
+  return sum(w[k] * v for k, v in terms.items()), terms
 
-      d_params, d_opt_state, r1 = jax.lax.cond(
-          state.step % cfg.r1_every == 0, with_r1,
-          lambda args: (*args, jnp.zeros(())), (d_params, d_opt_state))
-    state = state.replace(d_params=d_params, d_opt_state=d_opt_state,
-                          d_batch_stats=pmean(stats) if patch else stats)
-    return state, {"d_loss": pmean(d_loss), "r1": pmean(r1)}
 
-  def g_loss(trained, state, x, y, noise, loss_vars):
-    variables = grain_variables(state.replace(params=trained))
-    out = forward(model, variables, x, *noise, stage)
-    hr = out[stage.output]
-    terms = {"l2": losses.l2(hr, y)}
-    if w.lr_l2 > 0:
-      terms["lr_l2"] = losses.lr_l2(out["lr_float"], y)
-    if w.lpips > 0 and "lpips" in loss_nets:
-      terms["lpips"] = losses.lpips(loss_vars["lpips"], hr, y)
-    if w.id > 0 and "irse50" in loss_nets:
-      terms["id"] = losses.identity(loss_vars["irse50"], hr, y)
-    if use_adv:
-      d_model = optim.model_params(state.d_params)
-      fake_logits, _ = d_apply(d_model, state.d_batch_stats, hr)
-      if patch:
-        real_logits, _ = d_apply(d_model, state.d_batch_stats, y)
-        terms["adv"] = losses.relativistic_generator(fake_logits, real_logits, axis_name)
-      else:
-        terms["adv"] = losses.nonsaturating_generator(fake_logits)
-    total = sum(getattr(w, k) * v for k, v in terms.items())
-    return total, terms
-
-  def step(state: TrainState, batch, loss_vars):
-    x, y = batch["x"], batch["y"]
-    rng = jax.random.wrap_key_data(state.rng)
-    step_rng = jax.random.fold_in(rng, state.step)
-    d_rng, g_rng = jax.random.split(step_rng)
-    n_local = x.shape[0]
-    metrics = {"d_loss": jnp.zeros(()), "r1": jnp.zeros(())}
-    if update_d:
-      d_noise = batch_noise(d_rng, n_local, model, lr_size, axis_name)
-      state, metrics = jax.lax.cond(
-          state.step % cfg.d_every == 0,
-          lambda s: d_update(s, x, y, d_noise),
-          lambda s: (s, metrics), state)
-    g_noise = batch_noise(g_rng, n_local, model, lr_size, axis_name)
-    trained = optim.model_params(state.params)
-    (loss, terms), grads = jax.value_and_grad(g_loss, has_aux=True)(
-        trained, state, x, y, g_noise, loss_vars)
-    grads = pmean(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state)
-    metrics = {**metrics, **{f"loss_{k}": v for k, v in terms.items()}, "loss": loss}
-    return state, pmean(metrics)
-
-  return step
+def train_step(s: StepSetup, state: TrainState, batch, loss_vars):
+  """(state, batch dict(x, y) NHWC in [-1, 1], loss-network variables) -> (state, metrics)."""
+  x, y = batch["x"], batch["y"]
+  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  d_rng, g_rng = jax.random.split(step_rng)
+  metrics = {"d_loss": jnp.zeros(()), "r1": jnp.zeros(())}
+  if s.weights["adv"] > 0 and s.d_every > 0:
+    d_noise = batch_noise(d_rng, x.shape[0], s.model, s.axis_name)
+    state, metrics = jax.lax.cond(
+        state.step % s.d_every == 0,
+        lambda st: discriminator_update(s, st, x, y, d_noise),
+        lambda st: (st, metrics), state)
+  g_noise = batch_noise(g_rng, x.shape[0], s.model, s.axis_name)
+  loss_fn = lambda trained: generator_loss(s, trained, state, x, y, g_noise, loss_vars)
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      optim.model_params(state.params))
+  updates, opt_state = s.tx.update(s.pmean(grads), state.opt_state, state.params)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+  metrics = {**metrics, **{f"loss_{k}": v for k, v in terms.items()}, "loss": loss}
+  return state, s.pmean(metrics)
 
 
 def make_parallel_step(step: Callable, mesh: Mesh) -> Callable:
@@ -247,3 +222,66 @@ def make_parallel_step(step: Callable, mesh: Mesh) -> Callable:
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
                           out_specs=(P(), P()), check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------ setup
+
+def learning_rate_schedule(cfg, base_lr: float) -> optax.Schedule:
+  """cfg.lr_schedule ('constant' or 'cosine' to 0 at max_steps) after cfg.warmup_steps."""
+  if cfg.lr_schedule == "constant":
+    main = optax.constant_schedule(base_lr)
+  elif cfg.lr_schedule == "cosine":
+    main = optax.cosine_decay_schedule(base_lr, max(1, cfg.max_steps - cfg.warmup_steps))
+  else:
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+  if cfg.warmup_steps:
+    return optax.join_schedules([optax.linear_schedule(0.0, base_lr, cfg.warmup_steps), main],
+                                [cfg.warmup_steps])
+  return main
+
+
+def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
+  """The initial state from the model's variables and the discriminator's."""
+  stage = stages.get(cfg.stage)
+  params = variables["params"]
+  trained = {n: params[n] for n in stage.trains}
+  frozen = {"params": {n: p for n, p in params.items() if n not in stage.trains},
+            "buffers": variables.get("buffers", {})}
+  wrapped = optim.wrap_params(cfg.optimizer, trained)
+  d_wrapped = optim.wrap_params(cfg.optimizer, d_variables["params"])
+  # Copies: Lookahead's fast and slow start as the same arrays, and the step donates both.
+  as_jnp = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), t)
+  wrapped, d_wrapped = as_jnp(wrapped), as_jnp(d_wrapped)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=wrapped, opt_state=tx.init(wrapped),
+      frozen=as_jnp(frozen), d_params=d_wrapped, d_opt_state=d_tx.init(d_wrapped),
+      d_batch_stats=as_jnp(d_variables.get("batch_stats", {})),
+      rng=jax.random.key_data(jax.random.key(cfg.seed)))
+
+
+class Training(NamedTuple):
+  state: TrainState   # replicated over the mesh
+  step: Callable      # jitted (state, batch, loss_vars) -> (state, metrics), state donated
+  model: GRAIN        # the networks the stage runs
+
+
+def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh) -> Training:
+  """The state and the data-parallel step of the stage `cfg` describes, over `mesh`.
+
+  variables: the GRAIN model's ({'params': {network: ...}, 'buffers': ...}); d_variables:
+  the stage's discriminator's; loss_vars: {'lpips'|'irse50': variables} of the loss networks.
+  """
+  stage = stages.get(cfg.stage)
+  tx = optim.make_optimizer(cfg.optimizer, learning_rate_schedule(cfg, cfg.learning_rate))
+  d_lr = cfg.learning_rate if cfg.d_learning_rate < 0 else cfg.d_learning_rate
+  d_tx = optim.make_optimizer(cfg.optimizer, learning_rate_schedule(cfg, d_lr))
+  disc = networks.build(stage.discriminator, cfg.model)
+  if stage.discriminator == "patch_discriminator":
+    disc = disc.clone(axis_name=AXIS)  # synchronised BatchNorm over the devices
+  model = GRAIN.from_config(cfg.model, stage.runs)
+  setup = StepSetup(model, disc, tx, d_tx, stage, {k: float(cfg.loss[k]) for k in LOSS_TERMS},
+                    frozenset(loss_vars), int(cfg.d_every), int(cfg.r1_every),
+                    float(cfg.r1_gamma))
+  state = create_train_state(cfg, variables, d_variables, tx, d_tx)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  return Training(state, make_parallel_step(functools.partial(train_step, setup), mesh), model)

@@ -1,10 +1,10 @@
 """Converted-weights directories: one Orbax checkpoint of every network plus the model config.
 
-Layout of DIR (written by convert_weights.py, read by grain_jax.load):
+Layout of DIR (written by `grain-jax convert` and by training, read by grain_jax.load):
     DIR/grain_weights.json   format tag, model config, networks present, source files
-    DIR/variables/           Orbax (StandardCheckpointer) tree {network group: variables}
-Groups: 'grain' (rescaler / fea2code / generator / fusion params and generator buffers),
-'discriminator', 'irse50', 'lpips'.
+    DIR/variables/           Orbax (StandardCheckpointer) tree {network: variables}, with the
+                             network names of networks.py ('rescaler', 'generator', ...) and
+                             each network's collections ('params'[, 'buffers' | 'batch_stats'])
 """
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 
-FORMAT = "grain_jax.weights/1"
+FORMAT = "grain_jax.weights/2"
+# Format 1 kept the four model networks in one group: {'grain': {'params': {name: ...},
+# 'buffers': {'generator': ...}}, other networks: ...}. It is still read.
+FORMAT_1 = "grain_jax.weights/1"
 META = "grain_weights.json"
 
 
@@ -74,19 +77,19 @@ def read_meta(directory: str) -> dict:
   path = os.path.join(os.path.abspath(directory), META)
   if not os.path.isfile(path):
     raise WeightsError(f"{directory}: not a grain_jax weights directory (no {META}); "
-                       f"make one with convert_weights.py")
+                       f"make one with grain-jax convert")
   with open(path) as f:
     try:
       meta = json.load(f)
     except json.JSONDecodeError as e:
       raise WeightsError(f"{path}: corrupt ({e})") from None
-  if meta.get("format") != FORMAT:
+  if meta.get("format") not in (FORMAT, FORMAT_1):
     raise WeightsError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
   return meta
 
 
 def load_weights(directory: str) -> tuple[dict, ml_collections.ConfigDict, dict]:
-  """(tree of numpy/jax arrays, model config, meta) of a converted-weights directory."""
+  """({network: variables}, model config, meta) of a converted-weights directory."""
   import orbax.checkpoint as ocp
 
   meta = read_meta(directory)
@@ -95,6 +98,11 @@ def load_weights(directory: str) -> tuple[dict, ml_collections.ConfigDict, dict]
     tree = ocp.StandardCheckpointer().restore(path)
   except Exception as e:
     raise WeightsError(f"{path}: cannot restore the weights ({type(e).__name__}: {e})") from None
+  if meta["format"] == FORMAT_1:
+    group = tree.pop("grain", {})
+    for collection, by_name in group.items():
+      for name, value in by_name.items():
+        tree.setdefault(name, {})[collection] = value
   cfg = ml_collections.ConfigDict(meta["model"])
   return tree, cfg, meta
 

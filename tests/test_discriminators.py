@@ -1,5 +1,6 @@
 """Discriminators: StyleGAN2 parity with rosinality's reference outputs, the patch discriminator
-against a PyTorch re-implementation of GRAIN's, and the checkpoint converters' error reports."""
+against a PyTorch re-implementation of GRAIN's, and what their converters check beyond keys and
+shapes (FIR buffers, key forms; test_networks.py checks keys and shapes for every network)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,12 +11,29 @@ from torch import nn
 
 from conftest import assert_close_rel, nchw, nhwc, ref
 from grain_jax import discriminators as D
+from grain_jax import networks
+from grain_jax.configs.model import grain_1024
 from grain_jax.stylegan2 import default_channels
 from grain_jax.torch_import import CheckpointError, load_torch_file
 
 CASE = "stylegan2_disc_256"
 SIZE = 256
 CHANNELS = default_channels(SIZE, 2)
+
+
+def config(hr_size=1024, patch_widths=(64, 128, 256, 512)):
+  cfg = grain_1024()
+  cfg.hr_size = hr_size
+  cfg.patch_discriminator.widths = patch_widths
+  return cfg
+
+
+def _convert(sd):
+  return networks.from_state_dict("discriminator", sd, config(SIZE))
+
+
+def _convert_patch(sd, widths=(64, 128, 256, 512)):
+  return networks.from_state_dict("patch_discriminator", sd, config(patch_widths=widths))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,8 +47,9 @@ def disc_sd(torch_ckpt):
 
 @pytest.fixture(scope="module")
 def disc(disc_sd):
-  model = D.StyleGAN2Discriminator(SIZE, CHANNELS)
-  variables = D.discriminator_params_from_torch(disc_sd, SIZE, CHANNELS)
+  model = networks.build("discriminator", config(SIZE))
+  assert tuple(model.channels) == CHANNELS
+  variables = _convert(disc_sd)
   apply = jax.jit(lambda v, x: model.apply(v, x, return_intermediates=True))
   return variables, apply
 
@@ -93,31 +112,7 @@ def test_intermediate_summaries(batch4, name, summary):
 
 
 # ----------------------------------------------------------------------------------------------
-# Converter errors.
-
-
-def _convert(sd):
-  return D.discriminator_params_from_torch(sd, SIZE, CHANNELS)
-
-
-def test_missing_key(disc_sd):
-  sd = dict(disc_sd)
-  del sd["convs.3.conv1.1.bias"]
-  with pytest.raises(CheckpointError, match=r"missing keys.*convs\.3\.conv1\.1\.bias"):
-    _convert(sd)
-
-
-def test_unexpected_key(disc_sd):
-  sd = dict(disc_sd, **{"convs.7.conv1.0.weight": np.zeros((512, 512, 3, 3), np.float32)})
-  with pytest.raises(CheckpointError, match=r"unexpected keys.*convs\.7\.conv1\.0\.weight"):
-    _convert(sd)
-
-
-def test_wrong_shape(disc_sd):
-  sd = dict(disc_sd)
-  sd["final_linear.0.weight"] = sd["final_linear.0.weight"][:, :4096]
-  with pytest.raises(CheckpointError, match=r"final_linear_0/kernel: shape \(4096, 512\)"):
-    _convert(sd)
+# Converter checks beyond keys and shapes.
 
 
 def test_modified_blur_kernel(disc_sd):
@@ -236,7 +231,7 @@ def _torch_state(net):
 def patch_setup():
   net = _torch_patch_d((64, 128, 256, 512), seed=0)
   x = np.random.default_rng(7).uniform(-1, 1, (2, 3, 1024, 1024)).astype(np.float32)
-  variables = D.patch_discriminator_params_from_torch(_torch_state(net))
+  variables = _convert_patch(_torch_state(net))
   return net, x, variables
 
 
@@ -256,7 +251,7 @@ def test_patch_discriminator_train(patch_setup):
   net.train()
   with torch.no_grad():
     want = net(F.interpolate(torch.from_numpy(x), size=[256, 256], mode="bilinear")).numpy()
-  want_stats = D.patch_discriminator_params_from_torch(_torch_state(net))["batch_stats"]
+  want_stats = _convert_patch(_torch_state(net))["batch_stats"]
   fn = jax.jit(lambda v, x: D.PatchDiscriminator().apply(v, x, train=True,
                                                          mutable=["batch_stats"]))
   got, new = fn(variables, nhwc(x))
@@ -274,7 +269,7 @@ def test_patch_discriminator_input_gradient():
   xt = torch.from_numpy(x).requires_grad_(True)
   out = net(F.interpolate(xt, size=[64, 64], mode="bilinear"))
   (out ** 2).sum().backward()
-  variables = D.patch_discriminator_params_from_torch(_torch_state(net), widths)
+  variables = _convert_patch(_torch_state(net), widths)
   model = D.PatchDiscriminator(widths, input_size=64)
 
   def loss(x):
@@ -288,23 +283,23 @@ def test_patch_discriminator_input_gradient():
 def test_patch_converter_key_forms_and_errors():
   widths = (8, 16, 16, 32)
   sd = _torch_state(_torch_patch_d(widths, seed=2))
-  a = D.patch_discriminator_params_from_torch(sd, widths)
+  a = _convert_patch(sd, widths)
   # GRAIN's own loader expects the keys without "model." (it loads into dis.model).
-  b = D.patch_discriminator_params_from_torch({k[len("model."):]: v for k, v in sd.items()}, widths)
+  b = _convert_patch({k[len("model."):]: v for k, v in sd.items()}, widths)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
   np.testing.assert_array_equal(a["params"]["block1_conv2"]["conv"]["kernel"],
                                 np.transpose(sd["model.8.weight"], (2, 3, 1, 0)))
   np.testing.assert_array_equal(a["batch_stats"]["block3_bn2"]["var"], sd["model.21.running_var"])
   bad = dict(sd)
   del bad["model.12.running_mean"]
-  with pytest.raises(CheckpointError, match=r"12\.running_mean"):
-    D.patch_discriminator_params_from_torch(bad, widths)
+  with pytest.raises(CheckpointError, match=r"model\.12\.running_mean"):
+    _convert_patch(bad, widths)
   with pytest.raises(CheckpointError, match="shape"):
-    D.patch_discriminator_params_from_torch(sd, (8, 16, 32, 32))
+    _convert_patch(sd, (8, 16, 32, 32))
 
 
 def test_patch_discriminator_file_converts(tmp_path):
-  """A stage-1 `*_dis.pt` as GRAIN's trainer saves it -> convert_weights.py -> same variables."""
+  """A stage-1 `*_dis.pt` as GRAIN's trainer saves it -> grain-jax convert -> same variables."""
   from conftest import convert_cli
   from grain_jax.weights import load_weights
 
@@ -314,5 +309,5 @@ def test_patch_discriminator_file_converts(tmp_path):
   assert r.returncode == 0, r.stderr
   tree, _, meta = load_weights(str(tmp_path / "w"))
   assert meta["networks"] == ["patch_discriminator"]
-  want = D.patch_discriminator_params_from_torch(_torch_state(net))
+  want = _convert_patch(_torch_state(net))
   jax.tree_util.tree_map(np.testing.assert_array_equal, tree["patch_discriminator"], want)

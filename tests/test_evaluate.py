@@ -13,19 +13,20 @@ import skimage.metrics
 from PIL import Image
 
 from conftest import ROOT, xla_flags
-from grain_jax import data, evaluate, images
-from grain_jax.rescaler import lr_to_uint8, quantize
+from grain_jax import datasets, evaluate, images
+from grain_jax.quantizer import lr_to_uint8, quantize
 from test_images_metrics import make_tfds_dataset
 
-SAMPLE = os.path.join(ROOT, "samples", "astronaut_face.png")
+SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
 KEYS = ("num_images", "hr_psnr", "hr_ssim", "lr_psnr", "bicubic_psnr", "bicubic_ssim",
         "hr_lpips", "bicubic_lpips", "hr_inv_psnr", "hr_gan_ssim")
 
 
 @pytest.fixture(scope="module")
-def evaluator(small_grain):
+def evaluator(small_model):
   """Batch 2 (so 3 images leave a padded last batch), LPIPS on, images returned."""
-  return evaluate.Evaluator(small_grain, 2, small_grain.lpips_params, with_images=True)
+  return evaluate.Evaluator(small_model.model, small_model.variables, 2,
+                            small_model.lpips_params, with_images=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,10 @@ def _ssim(a, b):
       use_sample_covariance=False)
 
 
-def test_metrics_match_an_independent_computation_from_the_files(evaluator, small_grain,
+def test_metrics_match_an_independent_computation_from_the_files(evaluator, small_model,
                                                                  folder, tmp_path):
   out = tmp_path / "eval"
-  summary = evaluate.evaluate(evaluator, data.FolderSource(str(folder)), str(out),
+  summary = evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(out),
                               progress=False)
   meta = json.loads((out / "metrics.json").read_text())
   assert meta == summary
@@ -72,15 +73,15 @@ def test_metrics_match_an_independent_computation_from_the_files(evaluator, smal
   for sub in ("lr", "invrrdb", "stylegan", "fusion", "comp"):
     assert sorted(os.listdir(out / sub)) == ["a_exact.png", "b_large.png", "c_gray.png"], sub
 
-  hr = small_grain.hr_size
+  hr = small_model.hr_size
   for row in rows:  # c_gray sits in the padded last batch
     src, name = row["file"], os.path.splitext(row["file"])[0] + ".png"
     x = images.to_model(images.resize_square(images.read_image(str(folder / src))[0], hr))[None]
     gt = images.to_uint8(x)[0].astype(np.float64)
     # The written images are the model's outputs (batch 1 here, 2 in the evaluator).
-    lr = small_grain.downscale(x)
+    lr = small_model.downscale(x)
     np.testing.assert_array_equal(_png(out / "lr" / name), lr_to_uint8(lr)[0])
-    mem = small_grain.upscale(lr)
+    mem = small_model.upscale(lr)
     for key, sub in (("hr", "fusion"), ("hr_inv", "invrrdb"), ("hr_gan", "stylegan")):
       got = _png(out / sub / name)
       assert np.abs(got - images.to_uint8(mem[key])[0]).max() <= 1, (name, key)
@@ -90,7 +91,7 @@ def test_metrics_match_an_independent_computation_from_the_files(evaluator, smal
     comp = _png(out / "comp" / name)
     np.testing.assert_array_equal(comp[:, 3 * hr:], gt)
     np.testing.assert_array_equal(comp[:, 2 * hr:3 * hr], _png(out / "fusion" / name))
-    want_lpips = small_grain.lpips(_png(out / "fusion" / name)[None] / 127.5 - 1,
+    want_lpips = small_model.lpips(_png(out / "fusion" / name)[None] / 127.5 - 1,
                                    gt[None] / 127.5 - 1)
     assert abs(float(row["hr_lpips"]) - float(want_lpips[0])) < 1e-5
     # Baseline: bicubic to an 8-bit LR, bicubic back up (jax.image.resize, antialiased).
@@ -115,7 +116,7 @@ def test_tfds_split_with_a_corrupt_record(evaluator, tmp_path):
   pics = [np.asarray(Image.open(SAMPLE).resize((64, 64)))] * 3
   name = make_tfds_dataset(tmp_path / "tfds", pics, names=["p.jpg", "q.jpg", "r.jpg"],
                            corrupt={1})
-  src = data.open_source(f"tfds:{name}/test", str(tmp_path / "tfds"))
+  src = datasets.open_source(f"tfds:{name}/test", str(tmp_path / "tfds"))
   summary = evaluate.evaluate(evaluator, src, str(tmp_path / "out"), progress=False)
   assert summary["num_images"] == 2 and summary["num_failed"] == 1
   assert summary["failed"][0]["file"] == "q.jpg"
@@ -127,11 +128,11 @@ def test_tfds_split_with_a_corrupt_record(evaluator, tmp_path):
 
 def test_two_devices_give_the_same_metrics(evaluator, small_weights, folder, tmp_path):
   one = tmp_path / "one"
-  evaluate.evaluate(evaluator, data.FolderSource(str(folder)), str(one), progress=False)
+  evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(one), progress=False)
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
              JAX_PLATFORMS="cpu")
   run = lambda *a: subprocess.run(
-      [sys.executable, "-m", "grain_jax.evaluate", "--checkpoint", small_weights, "--data",
+      [sys.executable, "-m", "grain_jax", "evaluate", "--checkpoint", small_weights, "--data",
        str(folder), *a], cwd=ROOT, env=env, capture_output=True, text=True)
   res = run("--out", str(tmp_path / "bad"), "--batch_size", "3")
   assert res.returncode == 2 and "not a multiple of the 2 local devices" in res.stderr

@@ -34,18 +34,18 @@ def test_1024_convert_load_upscale(torch_ckpt, tmp_path):
                   torch_ckpt("grain_fea2code"), "--fusion", torch_ckpt("grain_fusion"),
                   "--irse50", torch_ckpt("irse50_112"), "--lpips", "builtin")
   assert r.returncode == 0, r.stderr
-  g = grain_jax.load(str(out))
-  assert g.networks == {"rescaler", "fea2code", "generator", "fusion", "discriminator",
+  m = grain_jax.load(str(out))
+  assert m.networks == {"rescaler", "fea2code", "generator", "fusion", "discriminator",
                         "irse50", "lpips"}
   x = np.random.default_rng(0).uniform(-1, 1, (1, 1024, 1024, 3)).astype(np.float32)
-  lr = g.downscale(x)
+  lr = m.downscale(x)
   assert lr.shape == (1, 16, 16, 3)
-  out = g.upscale(lr)
+  out = m.upscale(lr)
   assert out["codes"].shape == (1, 18, 512)
   for k in ("hr", "hr_inv", "hr_gan"):
     assert out[k].shape == (1, 1024, 1024, 3) and np.isfinite(np.asarray(out[k])).all()
-  assert g.discriminate(out["hr"]).shape == (1, 1)
+  assert m.discriminate(out["hr"]).shape == (1, 1)
   with pytest.raises(ValueError, match="1024, 1024, 3"):
-    g.downscale(x[:, :512, :512])
+    m.downscale(x[:, :512, :512])
   with pytest.raises(ValueError, match="16, 16, 3"):
-    g.upscale(x)
+    m.upscale(x)

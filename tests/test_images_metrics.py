@@ -10,7 +10,7 @@ import skimage.metrics
 from PIL import Image
 
 from conftest import write_png16
-from grain_jax import data, images, metrics
+from grain_jax import datasets, images, metrics, prefetch
 
 
 def _skimage_ssim(a, b):
@@ -135,7 +135,7 @@ def test_prefetch_keeps_order_and_hands_over_errors():
     if i == 3:
       raise ValueError("bad three")
     return i * i
-  got = list(data.prefetch(fn, range(10), workers=3, depth=4))
+  got = list(prefetch.prefetch(fn, range(10), workers=3, depth=4))
   assert [g[0] for g in got] == list(range(10))
   assert [g[1] for g in got if g[0] != 3] == [i * i for i in range(10) if i != 3]
   assert isinstance(got[3][2], ValueError) and got[3][1] is None
@@ -147,11 +147,11 @@ def test_batches_skip_failures_and_pad_the_last():
       raise ValueError(f"bad {i}")
     return np.full((2, 2), i, np.float32)
   failed = []
-  groups = list(data.batches(data.prefetch(fn, range(7), workers=2), 2,
+  groups = list(prefetch.batches(prefetch.prefetch(fn, range(7), workers=2), 2,
                              lambda i, e: failed.append((i, str(e)))))
   assert failed == [(1, "bad 1"), (4, "bad 4")]
   assert [[i for i, _ in g] for g in groups] == [[0, 2], [3, 5], [6]]
-  x = data.pad_batch([r for _, r in groups[-1]], 2)
+  x = prefetch.pad_batch([r for _, r in groups[-1]], 2)
   assert x.shape == (2, 2, 2) and x.dtype == np.float32
   assert (x[0] == 6).all() and (x[1] == 0).all()
 
@@ -196,7 +196,7 @@ def make_tfds_dataset(data_dir, pictures, names=None, corrupt=()):
 def test_tfds_source_reads_prepared_split(tmp_path):
   pics = [np.full((20, 30, 3), 10 * i, np.uint8) for i in range(3)]
   name = make_tfds_dataset(tmp_path, pics, names=["x/a.jpg", "b.png", "c.png"])
-  src = data.open_source(f"tfds:{name}/test", str(tmp_path))
+  src = datasets.open_source(f"tfds:{name}/test", str(tmp_path))
   assert len(src) == 3 and src.description == f"tfds:{name}/test"
   # TFDS stores records in its own (hashed) order; the filename feature names them.
   by_name = {src.name(i): i for i in range(3)}
@@ -204,8 +204,11 @@ def test_tfds_source_reads_prepared_split(tmp_path):
   img, note = src.load(by_name["c.png"])
   assert note is None and img.shape == (20, 30, 3)
   np.testing.assert_array_equal(np.round(img * 255), pics[2])
-  assert len(data.open_source(f"tfds:{name}/test[:2]", str(tmp_path))) == 2
-  with pytest.raises(FileNotFoundError, match="prepare it first"):
-    data.open_source("tfds:no_such_dataset_here/test", str(tmp_path))
+  assert len(datasets.open_source(f"tfds:{name}/test[:2]", str(tmp_path))) == 2
+  # A wrong name is named in one line (TFDS's list of every dataset left out), no download.
+  with pytest.raises(FileNotFoundError, match="prepare it first") as e:
+    datasets.open_source("tfds:no_such_dataset_here/test", str(tmp_path))
+  assert "Dataset no_such_dataset_here not found" in str(e.value)
+  assert "\n" not in str(e.value) and len(str(e.value)) < 400
   with pytest.raises(ValueError, match="tfds:NAME/SPLIT"):
-    data.open_source("tfds:nosplit")
+    datasets.open_source("tfds:nosplit")

@@ -1,12 +1,12 @@
-"""IR-SE50 (GRAIN's identity net): parity with the original on synthetic weights, converter errors,
-and the IDLoss preprocessing (crop + adaptive pooling, bilinear resize) against torch."""
+"""IR-SE50 (GRAIN's identity net): parity with the original on synthetic weights, and the IDLoss
+preprocessing (crop + adaptive pooling, bilinear resize) against torch."""
 import jax
 import numpy as np
 import pytest
 
 from conftest import assert_close_rel, nchw, nhwc, ref
-from grain_jax import irse50
-from grain_jax.torch_import import CheckpointError, load_torch_file
+from grain_jax import irse50, networks
+from grain_jax.torch_import import load_torch_file
 
 CASE = "irse50_112"
 # (name in outputs.npz, Flax submodule name): forward hooks on input_layer / body[i] in the original.
@@ -22,7 +22,7 @@ def state_dict(torch_ckpt):
 @pytest.fixture(scope="module")
 def run(state_dict):
   """Embedding and captured intermediates of our port on the case's input."""
-  variables = irse50.params_from_torch(state_dict)
+  variables = networks.from_state_dict("irse50", state_dict, None)
   model = irse50.IRSE50()
   wanted = {name for _, name in HOOKS} | {"output_layer"}
 
@@ -54,27 +54,6 @@ def test_intermediates_match_original(run, hook, name):
     assert_close_rel(got, want[hook], 1e-4, hook)
   assert_close_rel(got.mean(axis=(2, 3)), want[hook + "_chmean"], 1e-4, hook + "_chmean")
   assert_close_rel(got.std(axis=(2, 3)), want[hook + "_chstd"], 1e-4, hook + "_chstd")
-
-
-def test_missing_key_is_reported(state_dict):
-  sd = dict(state_dict)
-  del sd["body.5.res_layer.5.fc1.weight"]
-  with pytest.raises(CheckpointError, match=r"body\.5\.res_layer\.5\.fc1\.weight"):
-    irse50.params_from_torch(sd)
-
-
-def test_wrong_shape_is_reported(state_dict):
-  sd = dict(state_dict)
-  sd["body.21.shortcut_layer.0.weight"] = np.zeros((512, 128, 1, 1), np.float32)
-  with pytest.raises(CheckpointError, match=r"body_21/shortcut_conv/kernel: shape \(1, 1, 128, 512\)"):
-    irse50.params_from_torch(sd)
-
-
-def test_unexpected_key_is_reported(state_dict):
-  sd = dict(state_dict)
-  sd["body.24.res_layer.0.weight"] = np.ones((512,), np.float32)
-  with pytest.raises(CheckpointError, match=r"unexpected keys .*body\.24\.res_layer\.0\.weight"):
-    irse50.params_from_torch(sd)
 
 
 def test_adaptive_pool_matrix_overlaps():

@@ -77,9 +77,8 @@ def test_r1_penalty_matches_torch_autograd():
 
 
 def test_identity_loss_is_one_minus_cosine_of_the_cropped_embeddings(torch_ckpt):
-  from grain_jax import irse50
-  from grain_jax.torch_import import load_torch_file
-  variables = irse50.params_from_torch(load_torch_file(torch_ckpt("irse50_112")))
+  from grain_jax import irse50, networks
+  variables = networks.convert("irse50", torch_ckpt("irse50_112"), None)[0]
   y = RNG.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
   fake = np.clip(y + RNG.normal(0, 0.3, y.shape), -1, 1).astype(np.float32)
   # Independent path: torch bilinear to 256, the fixed crop, torch adaptive pooling, then

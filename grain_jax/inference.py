@@ -1,4 +1,4 @@
-"""The public inference API: `grain_jax.load(DIR)` -> a `Grain` with jitted NHWC methods."""
+"""The public inference API: `grain_jax.load(DIR)` -> a `LoadedModel` with jitted NHWC methods."""
 from __future__ import annotations
 
 import os
@@ -6,11 +6,13 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from grain_jax import images, networks
 from grain_jax import weights as weights_lib
-from grain_jax.model import GRAIN, NETWORKS
+from grain_jax.model import GRAIN, model_variables
 
-# What each method needs, by network name (as recorded in grain_weights.json).
+# What each method needs, by network name (networks.NETWORKS).
 NEEDS = {
     "downscale": ("rescaler",),
     "upscale": ("rescaler", "fea2code", "generator", "fusion"),
@@ -19,57 +21,43 @@ NEEDS = {
     "identity": ("irse50",),
     "lpips": ("lpips",),
 }
-# The convert_weights.py flag that provides each network.
-FLAG = {"rescaler": "--invrrdb", "fea2code": "--codestylegan", "generator": "--stylegan2",
-        "fusion": "--fusion", "discriminator": "--discriminator", "irse50": "--irse50",
-        "lpips": "--lpips"}
 
 
-class Grain:
+class LoadedModel:
   """Converted GRAIN networks with jitted methods; all arrays are NHWC float32 in [-1, 1].
 
+  `model` is the composed GRAIN Flax module (of the model networks present) and `variables`
+  its variables; the other networks (discriminator, irse50, lpips) have a method each.
   Methods are available when the weights they need were converted (see `networks`).
   """
 
-  def __init__(self, tree: dict, model_cfg, networks, meta: dict | None = None,
+  def __init__(self, tree: dict, model_cfg, meta: dict | None = None,
                compute_dtype: str | None = None):
     if compute_dtype is not None:  # run-time choice: the weights stay float32
       model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
       model_cfg.compute_dtype = compute_dtype
     self.config = model_cfg
-    self.networks = frozenset(networks)
+    self.networks = frozenset(tree)
     self.meta = meta or {}
-    self.model = GRAIN.from_config(model_cfg, [n for n in NETWORKS if n in self.networks])
+    self.model = GRAIN.from_config(model_cfg, [n for n in tree if n in networks.MODEL_NETWORKS])
     self.hr_size = int(model_cfg.hr_size)
     self.lr_size = int(model_cfg.lr_size)
     put = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
-    self.variables = put(tree.get("grain", {}))
-    self._others = {k: put(v) for k, v in tree.items() if k != "grain"}
+    self.variables = put(model_variables(tree))
+    self._other = {n: put(v) for n, v in tree.items() if n not in networks.MODEL_NETWORKS}
     m = self.model
     self._downscale = jax.jit(lambda v, x, q: m.apply(v, x, quantized=q, method=m.downscale),
                               static_argnums=2)
     self._upscale = jax.jit(lambda v, lr: m.apply(v, lr, method=m.upscale))
     self._generate = jax.jit(lambda v, w: m.apply(v, w, method=m.generate))
-    self._disc = self._lpips = self._identity = None
-    if "discriminator" in self.networks:
-      from grain_jax.discriminators import StyleGAN2Discriminator
-      d = StyleGAN2Discriminator(self.hr_size, tuple(model_cfg.discriminator.channels),
-                                 tuple(model_cfg.generator.blur_kernel))
-      self._disc = jax.jit(d.apply)
-    if "irse50" in self.networks:
-      from grain_jax.irse50 import IRSE50
-      self._identity = jax.jit(IRSE50().apply)
-    if "lpips" in self.networks:
-      from grain_jax.lpips import LPIPS
-      self._lpips = jax.jit(LPIPS().apply)
+    self._apply = {n: jax.jit(networks.build(n, model_cfg).apply) for n in self._other}
 
   def require(self, method: str) -> None:
-    """Raises RuntimeError naming the convert flags if `method`'s weights are absent."""
+    """Raises RuntimeError naming the convert options if `method`'s weights are absent."""
     missing = [n for n in NEEDS[method] if n not in self.networks]
     if missing:
-      flags = ", ".join(f"{n} ({FLAG[n]})" for n in missing)
-      raise RuntimeError(f"{method} needs weights that this checkpoint lacks: {flags}; "
-                         f"convert them with convert_weights.py")
+      raise RuntimeError(f"{method} needs weights that this checkpoint lacks: "
+                         f"{networks.option_hint(missing)}; convert them with grain-jax convert")
 
   @staticmethod
   def _images(x, size: int, what: str) -> jax.Array:
@@ -106,19 +94,19 @@ class Grain:
   def discriminate(self, img) -> jax.Array:
     """StyleGAN2 discriminator logits (N, 1) of images (N, hr, hr, 3)."""
     self.require("discriminate")
-    return self._disc(self._others["discriminator"],
-                      self._images(img, self.hr_size, "discriminate"))
+    return self._apply["discriminator"](self._other["discriminator"],
+                                        self._images(img, self.hr_size, "discriminate"))
 
   def identity(self, x112) -> jax.Array:
     """IR-SE50 embeddings (N, 512), L2-normalised, of aligned 112x112 crops."""
     self.require("identity")
-    return self._identity(self._others["irse50"], self._images(x112, 112, "identity"))
+    return self._apply["irse50"](self._other["irse50"], self._images(x112, 112, "identity"))
 
   @property
   def lpips_params(self):
     """The LPIPS variables of this checkpoint (needs --lpips at conversion)."""
     self.require("lpips")
-    return self._others["lpips"]
+    return self._other["lpips"]
 
   def lpips(self, a, b) -> jax.Array:
     """LPIPS (AlexNet) distance per image pair, shape (N,)."""
@@ -127,36 +115,30 @@ class Grain:
     if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
       raise ValueError(f"lpips: expected two NHWC batches of equal shape, got "
                        f"{tuple(a.shape)} and {tuple(b.shape)}")
-    return self._lpips(self._others["lpips"], a, b)
+    return self._apply["lpips"](self._other["lpips"], a, b)
 
 
-def enable_compilation_cache(directory: str | None = None) -> str | None:
-  """Keeps compiled XLA programs on disk, so a second run skips most compilation.
-
-  The command-line tools call this. The directory is `directory`, else $GRAIN_JAX_CACHE,
-  else ~/.cache/grain_jax/xla; a cache the user configured for JAX is left as it is, and
-  GRAIN_JAX_CACHE=off turns it off. Returns the directory in use (None if off).
-  """
-  if jax.config.jax_compilation_cache_dir:
-    return jax.config.jax_compilation_cache_dir
-  directory = directory or os.environ.get("GRAIN_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "grain_jax", "xla")
-  if directory == "off":
-    return None
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  return directory
+def weights_dir(path: str) -> str:
+  """A converted-weights directory, or a training workdir's latest weights (WORKDIR/weights)."""
+  if (not os.path.exists(os.path.join(path, weights_lib.META))
+      and os.path.exists(os.path.join(path, "weights", weights_lib.META))):
+    return os.path.join(path, "weights")
+  return path
 
 
-def load(directory: str, compute_dtype: str | None = None) -> Grain:
-  """Loads a converted-weights directory (convert_weights.py) or a training workdir (its
+def load(directory: str, compute_dtype: str | None = None) -> LoadedModel:
+  """Loads a converted-weights directory (grain-jax convert) or a training workdir (its
   latest weights, WORKDIR/weights; WORKDIR/best holds the best validated ones).
 
   compute_dtype: 'float32' (default) or 'bfloat16' (mixed precision: about twice as fast on
   GPUs and TPUs, within about 0.1 dB PSNR; see the README).
   """
-  if (not os.path.exists(os.path.join(directory, weights_lib.META))
-      and os.path.exists(os.path.join(directory, "weights", weights_lib.META))):
-    directory = os.path.join(directory, "weights")
-  tree, cfg, meta = weights_lib.load_weights(directory)
-  return Grain(tree, cfg, meta["networks"], meta, compute_dtype)
+  tree, cfg, meta = weights_lib.load_weights(weights_dir(directory))
+  return LoadedModel(tree, cfg, meta, compute_dtype)
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+  """An image file as a batch of one for the methods above: (1, size, size, 3) float32 in
+  [-1, 1], center-cropped to a square and resized (antialiased bicubic) if needed."""
+  img, _ = images.read_image(path)
+  return images.to_model(images.resize_square(img, size))[None]

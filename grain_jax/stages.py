@@ -1,0 +1,41 @@
+"""GRAIN's four training stages, each with what it trains and its recipe (coaches/coachTrain.py).
+
+The one table of stages: the training configs take their defaults from it, the train step its
+structure, the demo and the benchmark its names and order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  trains: tuple[str, ...]    # networks updated by the optimizer
+  runs: tuple[str, ...]      # networks the forward pass needs
+  output: str                # the image the losses judge: hr_inv, hr_gan or hr
+  discriminator: str         # the network judging it: patch_discriminator or discriminator
+  d_every: int               # discriminator update every N steps
+  lr_l2: float               # weight of the LR-image loss
+  learning_rate: float
+
+
+STAGES = {s.name: s for s in (
+    Stage("invrrdb", ("rescaler",), ("rescaler",), "hr_inv", "patch_discriminator",
+          d_every=6, lr_l2=0.1, learning_rate=1e-4),
+    Stage("fea2code", ("fea2code",), ("rescaler", "fea2code", "generator"), "hr_gan",
+          "discriminator", d_every=5, lr_l2=0.0, learning_rate=1e-4),
+    Stage("fusion", ("fusion",), ("rescaler", "fea2code", "generator", "fusion"), "hr",
+          "discriminator", d_every=3, lr_l2=0.0, learning_rate=1e-4),
+    Stage("finetune", ("rescaler", "fea2code", "fusion"),
+          ("rescaler", "fea2code", "generator", "fusion"), "hr", "discriminator",
+          d_every=3, lr_l2=0.1, learning_rate=5e-5),
+)}
+NAMES = tuple(STAGES)  # in training order
+
+
+def get(name: str) -> Stage:
+  """The stage called `name`; a ValueError lists the stages otherwise."""
+  if name not in STAGES:
+    raise ValueError(f"unknown stage {name!r}; choose from {', '.join(NAMES)}")
+  return STAGES[name]

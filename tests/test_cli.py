@@ -49,6 +49,7 @@ def test_known_failures_are_one_line_and_status_2(capsys, tmp_path):
        "--config demo has no field 'nope'"),
       (["train", "--config", "demo", "--config.batch_size=two", "--show_config"],
        "flag --config.batch_size=two: invalid literal for int()"),
+      (["train", "--config", "demo", "stray", "--show_config"], "unexpected arguments: stray"),
       (["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", str(tmp_path),
         "--out", str(tmp_path / "e")], "not a grain_jax weights directory"),
   ]

@@ -45,11 +45,13 @@ def load(spec: str, overrides=()) -> "ml_collections.ConfigDict":
     # sys_argv: the override flags are defined from the arguments they will parse.
     config_flags.DEFINE_config_file("config", None, "the config", flag_values=fv,
                                     lock_config=True, sys_argv=argv)
-    fv(argv)
+    rest = fv(argv)[1:]
   except flags.Error as e:
     raise ValueError(str(e).strip().splitlines()[0]) from None
   except (AttributeError, KeyError) as e:  # an override of a field the config lacks
     bad = [o.split("=")[0] for o in overrides if o.startswith("--config.")]
     raise ValueError(f"--config {spec} has no field {str(e).strip(chr(34))} (overrides: "
                      f"{', '.join(bad)}; --show_config lists the fields)") from None
+  if rest:
+    raise ValueError(f"unexpected arguments: {' '.join(rest)}")
   return fv.config

@@ -15,7 +15,7 @@ from grain_jax.configs.training import training_config
 
 def get_config():
   c = training_config("invrrdb", model=grain_small())
-  c.demo = True  # train.py runs every stage in `stages`, then the final evaluation
+  c.demo = True  # grain-jax train runs every stage in `stages`, then a final evaluation
   c.stages = stages.NAMES
   c.stage_steps = dict(invrrdb=520, fea2code=30, fusion=60, finetune=30)
   c.stage_learning_rate = dict(invrrdb=1e-3, fea2code=1e-3, fusion=5e-4, finetune=1e-4)

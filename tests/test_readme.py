@@ -1,0 +1,67 @@
+"""The README's promises: its quick start is what CI runs, every grain-jax command in it parses
+with the real command's options, and its Python example runs."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from conftest import ROOT
+from grain_jax import cli
+
+
+def _readme():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    return f.read()
+
+
+def _commands(text):
+  """Every `grain-jax ...` command of the README: indented lines (continuations joined) and
+  inline code, without trailing comments and optional [...] parts."""
+  text = text.replace("\\\n", " ")
+  found = []
+  for line in text.splitlines():
+    line = line.strip()
+    if line.startswith("grain-jax "):
+      line = re.sub(r"\s+#.*$", "", line)
+      found.append(re.sub(r"\[[^\]]*\]", "", line))
+  for span in re.findall(r"`(grain-jax [^`|]*)`", text):
+    if "--" in span:  # a command, not the name of one
+      found.append(span)
+  return found
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second():
+  text = _readme()
+  quick = text.split("## Quick start", 1)[1].split("\n\n")[1]
+  assert quick.splitlines() == [
+      "    pip install -r requirements.txt && grain-jax train --config demo --workdir demo_run",
+      "    bash .ci/run"]
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    ci = f.read()
+  assert "pip install -q -r requirements.txt" in ci and "python -m pytest -q" in ci
+  with open(os.path.join(ROOT, "requirements.txt")) as f:
+    assert "-e .[torch,test]" in f.read()  # installs the grain-jax command the quick start runs
+
+
+def test_every_readme_command_parses():
+  commands = _commands(_readme())
+  assert len(commands) >= 15
+  assert {shlex.split(c)[1] for c in commands} == set(cli.COMMANDS)
+  parser = cli.build_parser()
+  for line in commands:
+    args, extra = parser.parse_known_args(shlex.split(line)[1:])
+    if args.command.config_overrides:
+      extra = [e for e in extra if not e.startswith("--config.")]
+    assert not extra, (line, extra)
+
+
+def test_python_example_runs(small_weights):
+  """The README's example, on the small weights instead of weights/grain1024."""
+  code = _readme().split("```python\n", 1)[1].split("```", 1)[0]
+  assert 'grain_jax.load("weights/grain1024")' in code
+  code = code.replace("weights/grain1024", small_weights)
+  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "(1, 4, 4, 3) (1, 64, 64, 3)" in res.stdout

@@ -23,7 +23,6 @@ weights of the config's shapes (the cost does not depend on the values):
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 

@@ -221,10 +221,8 @@ def _evaluate_run(args, extra) -> int:
   source = datasets.open_source(args.data, args.data_dir)
   if len(source) == 0:
     raise ValueError(f"no images in {args.data}")
-  checkpoint_lpips = loaded.lpips_params if "lpips" in loaded.networks else None
   ev = evaluate.Evaluator(loaded.model, loaded.variables, args.batch_size or None,
-                          evaluate.lpips_variables(args.lpips, checkpoint_lpips),
-                          args.save_images)
+                          evaluate.lpips_variables(args.lpips, loaded), args.save_images)
   s = evaluate.evaluate(ev, source, args.out, args.workers, args.max_images)
   show = [k for k in ("hr_psnr", "hr_ssim", "hr_lpips", "bicubic_psnr", "bicubic_ssim",
                       "bicubic_lpips", "lr_psnr") if s.get(k) is not None]

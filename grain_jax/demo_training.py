@@ -94,9 +94,8 @@ def run(cfg, workdir: str, progress: bool = True) -> dict:
                m[f"{out}_psnr"], m["bicubic_psnr"])
     previous = stage_dir
   loaded = inference.load(previous)
-  checkpoint_lpips = loaded.lpips_params if "lpips" in loaded.networks else None
   ev = evaluate.Evaluator(loaded.model, loaded.variables, None,
-                          evaluate.lpips_variables("auto", checkpoint_lpips))
+                          evaluate.lpips_variables("auto", loaded))
   m = evaluate.evaluate(ev, datasets.FolderSource(heldout), os.path.join(workdir, "eval"),
                         progress=False)
   with open(os.path.join(workdir, "metrics.json"), "w") as f:

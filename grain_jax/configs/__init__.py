@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import ml_collections
+
 from grain_jax import stages
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +34,7 @@ def config_path(spec: str) -> str:
                    f"({', '.join(BUILTIN)})")
 
 
-def load(spec: str, overrides=()) -> "ml_collections.ConfigDict":
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
   """The config `spec` names (see `config_path`) with command-line style overrides applied,
   e.g. ["--config.batch_size=8"]; ml_collections checks each field's type. Raises ValueError
   with one line naming the problem."""

@@ -32,7 +32,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     tree = per_network_variables(placeholder_variables(GRAIN.from_config(cfg)))
     tree["lpips"] = networks.convert("lpips", "builtin", cfg)[0]
-    ckpt = save_weights(os.path.join(tmp, "weights"), tree, cfg, list(tree), {})
+    ckpt = save_weights(os.path.join(tmp, "weights"), tree, cfg, {})
     data = os.path.join(tmp, "data")
     img = images.resize_square(images.read_image(demo.SAMPLE)[0], cfg.hr_size)
     for i in range(a.images):

@@ -22,6 +22,9 @@ import os
 import sys
 from typing import Callable
 
+from grain_jax import (bench, configs, convert, datasets, demo, evaluate, inference, networks,
+                       rescale, stages)
+
 EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
 EXIT_ERROR = 2
 
@@ -99,9 +102,8 @@ def _add_compute_dtype(p: argparse.ArgumentParser) -> None:
 
 
 def _add_config(p: argparse.ArgumentParser, default: str | None) -> None:
-  from grain_jax.configs import BUILTIN
   p.add_argument("--config", default=default, required=default is None,
-                 help=f"a built-in config ({', '.join(BUILTIN)}) or a config file (a "
+                 help=f"a built-in config ({', '.join(configs.BUILTIN)}) or a config file (a "
                       f"Python file with get_config(), e.g. configs/stage1_invrrdb.py); "
                       f"override any field with --config.FIELD=VALUE")
   p.add_argument("--show_config", action="store_true",
@@ -109,14 +111,12 @@ def _add_config(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def _load_config(args, extra: list[str]):
-  from grain_jax import configs
   return configs.load(args.config, extra)
 
 
 # --- convert
 
 def _convert_arguments(p):
-  from grain_jax import networks
   for net in networks.NETWORKS.values():
     p.add_argument(f"--{net.option}", metavar="FILE" if net.name != "lpips" else "SOURCE",
                    help=f"{net.file} -> network '{net.name}'")
@@ -128,8 +128,6 @@ def _convert_arguments(p):
 
 
 def _convert_run(args, extra) -> int:
-  from grain_jax import convert, networks
-
   cfg = _load_config(args, extra)
   if args.show_config:
     print(cfg)
@@ -177,8 +175,6 @@ def _rescale_arguments(direction: str):
 
 def _rescale_run(direction: str):
   def run(args, extra) -> int:
-    from grain_jax import inference, rescale
-
     save = tuple(s.strip() for s in getattr(args, "save", "hr").split(",") if s.strip())
     bad = [s for s in save if s not in rescale.UPSCALE_OUTPUTS]
     if bad or not save:
@@ -215,8 +211,6 @@ def _evaluate_arguments(p):
 
 
 def _evaluate_run(args, extra) -> int:
-  from grain_jax import datasets, evaluate, inference
-
   loaded = inference.load(args.checkpoint, args.compute_dtype)
   source = datasets.open_source(args.data, args.data_dir)
   if len(source) == 0:
@@ -285,7 +279,6 @@ the workdir's latest checkpoint. On several hosts, run the same command on each 
 # --- bench
 
 def _bench_arguments(p):
-  from grain_jax import bench, stages
   p.add_argument("--config", default="1024",
                  help="the model to time: 1024 (the published GRAIN), small (the demo's "
                       "64 <-> 4 model), another built-in name or a config file")
@@ -326,7 +319,6 @@ def _comma_list(value: str, what: str, choices=None, cast=str) -> list:
 
 
 def _bench_run(args, extra) -> int:
-  from grain_jax import bench, stages
 
   sizes = _comma_list(args.batch_sizes, "--batch_sizes", cast=int)
   stage_names = _comma_list(args.stages, "--stages", stages.NAMES)
@@ -354,36 +346,25 @@ def _demo_arguments(p):
 
 
 def _demo_run(args, extra) -> int:
-  from grain_jax import demo
   return demo.run(args.out, args.seed)
-
-
-def _doc(module: str) -> str:
-  import importlib
-  return importlib.import_module(f"grain_jax.{module}").__doc__
 
 
 COMMANDS = {c.name: c for c in (
     Command("convert", "PyTorch checkpoints -> a grain_jax weights directory",
             CONVERT_DESCRIPTION, _convert_arguments, _convert_run, config_overrides=True),
-    Command("down", "HR pictures -> 8-bit LR PNGs", "rescale", _rescale_arguments("down"),
+    Command("down", "HR pictures -> 8-bit LR PNGs", rescale.__doc__, _rescale_arguments("down"),
             _rescale_run("down")),
-    Command("up", "LR PNGs -> HR pictures", "rescale", _rescale_arguments("up"),
+    Command("up", "LR PNGs -> HR pictures", rescale.__doc__, _rescale_arguments("up"),
             _rescale_run("up")),
-    Command("evaluate", "metrics (PSNR, SSIM, LPIPS) and images over a dataset", "evaluate",
-            _evaluate_arguments, _evaluate_run),
+    Command("evaluate", "metrics (PSNR, SSIM, LPIPS) and images over a dataset",
+            evaluate.__doc__, _evaluate_arguments, _evaluate_run),
     Command("train", "train one GRAIN stage, or the CPU demo of all four", TRAIN_DESCRIPTION,
             _train_arguments, _train_run, config_overrides=True),
-    Command("bench", "speed and memory on this machine", "bench", _bench_arguments,
+    Command("bench", "speed and memory on this machine", bench.__doc__, _bench_arguments,
             _bench_run),
-    Command("demo", "a one-minute rescaling round trip with random weights", "demo",
+    Command("demo", "a one-minute rescaling round trip with random weights", demo.__doc__,
             _demo_arguments, _demo_run),
 )}
-
-
-def _description(c: Command) -> str:
-  # A one-word description names the module whose docstring describes the command.
-  return _doc(c.description) if " " not in c.description else c.description
 
 
 def _build(parser: argparse.ArgumentParser, c: Command) -> None:
@@ -399,7 +380,7 @@ def build_parser(prog: str = "grain-jax", commands=None,
   sub = parser.add_subparsers(metavar="COMMAND", required=True)
   for name in commands or COMMANDS:
     c = COMMANDS[name]
-    _build(sub.add_parser(name, help=c.help, description=_description(c),
+    _build(sub.add_parser(name, help=c.help, description=c.description,
                           formatter_class=_Formatter), c)
   return parser
 
@@ -435,6 +416,6 @@ def run_command(name: str, argv: list[str] | None = None, prog: str | None = Non
   """One subcommand as a program of its own (train.py, python -m grain_jax.evaluate, ...)."""
   c = COMMANDS[name]
   parser = argparse.ArgumentParser(prog=prog or f"grain-jax {name}",
-                                   description=_description(c), formatter_class=_Formatter)
+                                   description=c.description, formatter_class=_Formatter)
   _build(parser, c)
   return _run(parser, sys.argv[1:] if argv is None else list(argv), subcommands=False)

@@ -41,4 +41,4 @@ def convert_and_save(out_dir: str, model_cfg, sources: dict[str, str],
   if os.path.exists(out_dir) and not force:
     raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
   tree, record = convert(model_cfg, sources)
-  return weights_lib.save_weights(out_dir, tree, model_cfg, list(tree), record, force=force)
+  return weights_lib.save_weights(out_dir, tree, model_cfg, record, force=force)

@@ -35,7 +35,7 @@ def run(out: str, seed: int = 0) -> int:
   loaded = LoadedModel(tree, cfg)
   x = read_image(SAMPLE, hr)
   os.makedirs(out, exist_ok=True)
-  weights_dir = save_weights(os.path.join(out, "weights"), tree, cfg, list(tree),
+  weights_dir = save_weights(os.path.join(out, "weights"), tree, cfg,
                              {"init": f"random, seed {seed}"}, force=True)
 
   t = time.perf_counter()

@@ -187,8 +187,7 @@ def discriminator_from_torch(rd: TorchReader, model: StyleGAN2Discriminator) -> 
   for k in range(1, _log2(model.size) - 1):
     key = f"convs.{k}"
     for fir in (f"{key}.conv2.0.kernel", f"{key}.skip.0.kernel"):
-      for problem in check_fir_buffer(rd.get(fir), model.blur_kernel, 1.0, fir):
-        rd.problem(problem)
+      rd.problem(*check_fir_buffer(rd.get(fir), model.blur_kernel, 1.0, fir))
     params[f"convs_{k}"] = {
         "conv1": conv_layer(f"{key}.conv1", 0),
         "conv2": conv_layer(f"{key}.conv2", 1),

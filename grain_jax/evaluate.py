@@ -34,9 +34,6 @@ from grain_jax.lpips import LPIPS
 
 OUTPUTS = ("hr", "hr_inv", "hr_gan")
 FOLDERS = {"lr": "lr", "hr_inv": "invrrdb", "hr_gan": "stylegan", "hr": "fusion"}
-# The networks each output needs.
-OUTPUT_NEEDS = {"hr_inv": ("rescaler",), "hr_gan": ("rescaler", "fea2code", "generator"),
-                "hr": ("rescaler", "fea2code", "generator", "fusion")}
 CONVENTIONS = ("8-bit RGB, data range 255; SSIM 11x11 Gaussian (sigma 1.5), channel mean; "
                "LPIPS AlexNet v0.1 on the 8-bit images; bicubic = antialiased Keys a=-0.5")
 
@@ -66,8 +63,9 @@ class Evaluator:
   def __init__(self, model, variables, batch_size: int | None = None, lpips_params=None,
                with_images: bool = False, devices=None, outputs=None):
     if outputs is None:
-      outputs = [o for o in OUTPUTS if set(OUTPUT_NEEDS[o]) <= set(model.parts)]
-    missing = sorted({n for o in outputs for n in OUTPUT_NEEDS[o]} - set(model.parts))
+      outputs = [o for o in OUTPUTS if set(networks.OUTPUT_NETWORKS[o]) <= set(model.parts)]
+    missing = sorted({n for o in outputs for n in networks.OUTPUT_NETWORKS[o]}
+                     - set(model.parts))
     if missing or not outputs:
       raise RuntimeError(f"evaluating {', '.join(outputs) or 'GRAIN'} needs weights for "
                          f"{networks.option_hint(missing or ['rescaler'])}")

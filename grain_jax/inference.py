@@ -15,7 +15,7 @@ from grain_jax.model import GRAIN, model_variables
 # What each method needs, by network name (networks.NETWORKS).
 NEEDS = {
     "downscale": ("rescaler",),
-    "upscale": ("rescaler", "fea2code", "generator", "fusion"),
+    "upscale": networks.OUTPUT_NETWORKS["hr"],
     "generate": ("generator",),
     "discriminate": ("discriminator",),
     "identity": ("irse50",),

@@ -25,6 +25,9 @@ from grain_jax import discriminators, fea2code, fusion, invrrdb, irse50, lpips, 
 from grain_jax.torch_import import CheckpointError, TorchReader, check_tree, load_torch_file
 
 MODEL_NETWORKS = ("rescaler", "fea2code", "generator", "fusion")
+# The model networks each of GRAIN's images needs (model.py computes them in this order).
+OUTPUT_NETWORKS = {"hr_inv": MODEL_NETWORKS[:1], "hr_gan": MODEL_NETWORKS[:3],
+                   "hr": MODEL_NETWORKS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +44,11 @@ class Network:
 
 # ------------------------------------------------------------------------------ file layouts
 
-def _checkpoint(path: str) -> Any:
-  return load_torch_file(path)
-
-
 def _grain_file(stage4_key: str, option: str):
   """GRAIN's trainer stores {"state_dict": ...}; its stage-4 (finetune) files hold all three
   networks as state_dict1 (invRRDB), state_dict2 (codeStyleGAN), state_dict3 (Fusion)."""
   def read(path):
-    obj = _checkpoint(path)
+    obj = load_torch_file(path)
     if not isinstance(obj, dict):
       raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     for key in ("state_dict", stage4_key):
@@ -66,7 +65,7 @@ def _grain_file(stage4_key: str, option: str):
 
 
 def _rosinality_generator(path):
-  ckpt = _checkpoint(path)
+  ckpt = load_torch_file(path)
   if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
     keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
     raise CheckpointError(f"{path}: expected a rosinality checkpoint with a 'g_ema' entry (the "
@@ -78,7 +77,7 @@ def _rosinality_generator(path):
 
 
 def _rosinality_discriminator(path):
-  ckpt = _checkpoint(path)
+  ckpt = load_torch_file(path)
   if not isinstance(ckpt, dict) or not isinstance(ckpt.get("d"), dict):
     raise CheckpointError(f"{path}: expected a rosinality checkpoint with a 'd' entry (the "
                           f"StyleGAN2 discriminator)")
@@ -87,7 +86,7 @@ def _rosinality_discriminator(path):
 
 def _state_dict_file(path):
   """A plain state dict, or one under 'state_dict'."""
-  obj = _checkpoint(path)
+  obj = load_torch_file(path)
   if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
     obj = obj["state_dict"]
   if not isinstance(obj, dict):

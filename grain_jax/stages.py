@@ -7,28 +7,33 @@ from __future__ import annotations
 
 import dataclasses
 
+from grain_jax.networks import OUTPUT_NETWORKS
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
   trains: tuple[str, ...]    # networks updated by the optimizer
-  runs: tuple[str, ...]      # networks the forward pass needs
   output: str                # the image the losses judge: hr_inv, hr_gan or hr
   discriminator: str         # the network judging it: patch_discriminator or discriminator
   d_every: int               # discriminator update every N steps
   lr_l2: float               # weight of the LR-image loss
   learning_rate: float
 
+  @property
+  def runs(self) -> tuple[str, ...]:
+    """The networks the forward pass needs: those of its output."""
+    return OUTPUT_NETWORKS[self.output]
+
 
 STAGES = {s.name: s for s in (
-    Stage("invrrdb", ("rescaler",), ("rescaler",), "hr_inv", "patch_discriminator",
+    Stage("invrrdb", ("rescaler",), "hr_inv", "patch_discriminator",
           d_every=6, lr_l2=0.1, learning_rate=1e-4),
-    Stage("fea2code", ("fea2code",), ("rescaler", "fea2code", "generator"), "hr_gan",
-          "discriminator", d_every=5, lr_l2=0.0, learning_rate=1e-4),
-    Stage("fusion", ("fusion",), ("rescaler", "fea2code", "generator", "fusion"), "hr",
-          "discriminator", d_every=3, lr_l2=0.0, learning_rate=1e-4),
-    Stage("finetune", ("rescaler", "fea2code", "fusion"),
-          ("rescaler", "fea2code", "generator", "fusion"), "hr", "discriminator",
+    Stage("fea2code", ("fea2code",), "hr_gan", "discriminator",
+          d_every=5, lr_l2=0.0, learning_rate=1e-4),
+    Stage("fusion", ("fusion",), "hr", "discriminator",
+          d_every=3, lr_l2=0.0, learning_rate=1e-4),
+    Stage("finetune", ("rescaler", "fea2code", "fusion"), "hr", "discriminator",
           d_every=3, lr_l2=0.1, learning_rate=5e-5),
 )}
 NAMES = tuple(STAGES)  # in training order

@@ -335,8 +335,7 @@ def from_torch(rd: TorchReader, model: Generator) -> dict:
       params[f"convs_{m}"] = _styled_from_torch(rd, f"convs.{m}")
     params[f"to_rgbs_{j}"] = _to_rgb_from_torch(rd, f"to_rgbs.{j}")
     for key in (f"convs.{2 * j}.conv.blur.kernel", f"to_rgbs.{j}.upsample.kernel"):
-      for problem in check_fir_buffer(rd.sd.get(key), model.blur_kernel, 4.0, key):
-        rd.problem(problem)
+      rd.problem(*check_fir_buffer(rd.sd.get(key), model.blur_kernel, 4.0, key))
       rd.ignore(key)
   buffers = {}
   for i in range(model.num_layers):

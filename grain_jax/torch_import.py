@@ -30,8 +30,11 @@ def load_torch_file(path: str) -> Any:
   file's own dicts/lists. `argparse.Namespace` (rosinality training files store their
   `args`) is the one non-container class allowed.
   """
-  import torch  # Only conversion needs torch.
-
+  try:
+    import torch  # Only conversion needs torch: the [torch] extra.
+  except ImportError:
+    raise CheckpointError(f"{path}: reading PyTorch files needs torch; install it with "
+                          f"pip install 'grain-jax[torch]'") from None
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
   try:
@@ -91,9 +94,9 @@ class TorchReader:
   def ignore_prefix(self, prefix: str) -> None:
     self.ignored.update(k for k in self.sd if k.startswith(prefix))
 
-  def problem(self, message: str) -> None:
-    """A problem other than a missing or unexpected key (reported with them)."""
-    self.problems.append(message)
+  def problem(self, *messages: str) -> None:
+    """Problems other than missing or unexpected keys (reported with them)."""
+    self.problems.extend(messages)
 
   def conv(self, key: str, bias: bool = True) -> dict:
     """A torch Conv2d (O, I, kh, kw) as a Flax conv {'kernel': (kh, kw, I, O), 'bias'}."""

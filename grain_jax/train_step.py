@@ -55,7 +55,7 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array       # raw uint32 key data (checkpointable)
 
 
-def model_variables(state: TrainState) -> dict:
+def variables_of(state: TrainState) -> dict:
   """The GRAIN model's variables (trained + frozen, including networks the stage does not run)."""
   params = dict(state.frozen["params"])
   params.update(optim.model_params(state.params))
@@ -145,7 +145,7 @@ def _r1_update(s: StepSetup, d_params, d_opt_state, grads, real):
 def discriminator_update(s: StepSetup, state: TrainState, x, y, noise):
   """One discriminator step (and the lazy R1 step when due) on a fresh fake batch."""
   fake = jax.lax.stop_gradient(
-      forward(s.model, model_variables(state), x, *noise, s.stage)[s.stage.output])
+      forward(s.model, variables_of(state), x, *noise, s.stage)[s.stage.output])
 
   def loss_fn(d_params):
     real_logits, stats = discriminator_logits(s, d_params, state.d_batch_stats, y)
@@ -172,7 +172,7 @@ def discriminator_update(s: StepSetup, state: TrainState, x, y, noise):
 
 def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_vars):
   """(weighted total, {term: value}) of the stage's output against the targets."""
-  out = forward(s.model, model_variables(state.replace(params=trained)), x, *noise, s.stage)
+  out = forward(s.model, variables_of(state.replace(params=trained)), x, *noise, s.stage)
   hr = out[s.stage.output]
   w = s.weights
   terms = {"l2": losses.l2(hr, y)}

@@ -169,7 +169,7 @@ def export_weights(path: str, cfg, state: train_step.TrainState, loss_vars: dict
                    origin: dict) -> None:
   """The state's networks as a converted-weights directory (grain_jax.load reads it)."""
   host = lambda t: jax.tree_util.tree_map(np.asarray, jax.device_get(t))
-  tree = per_network_variables(host(train_step.model_variables(state)))
+  tree = per_network_variables(host(train_step.variables_of(state)))
   d = {"params": host(optim.model_params(state.d_params))}
   if d["params"]:  # no discriminator when the adversarial loss is off
     if state.d_batch_stats:
@@ -177,7 +177,7 @@ def export_weights(path: str, cfg, state: train_step.TrainState, loss_vars: dict
     tree[stages.get(cfg.stage).discriminator] = d
   tree.update({k: host(v) for k, v in loss_vars.items()})
   sources = dict(origin, trained_steps=int(state.step), stage=cfg.stage)
-  weights_lib.save_weights(path, tree, cfg.model, list(tree), sources, force=True)
+  weights_lib.save_weights(path, tree, cfg.model, sources, force=True)
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -238,7 +238,7 @@ class _Reporter:
       return
     x = jnp.asarray(host_batch["x"][:1])
     noise = train_step.batch_noise(jax.random.key(0), 1, self.model, None)
-    out = self._preview(train_step.model_variables(state), x, noise)  # stays on device
+    out = self._preview(train_step.variables_of(state), x, noise)  # stays on device
     grid = image_grid(host_batch["y"][:1], out, self.model.lr_size)
     self.writer.add_image("train/images", grid, step, dataformats="HWC")
     images.write_png(os.path.join(self.workdir, "images", f"{step:07d}.png"), grid)
@@ -274,7 +274,7 @@ class _Validation:
   def __call__(self, step: int, state, export) -> dict:
     from grain_jax import evaluate
 
-    self.evaluator.set_variables(train_step.model_variables(state))
+    self.evaluator.set_variables(train_step.variables_of(state))
     m = evaluate.evaluate(self.evaluator, self.source, os.path.join(self.workdir, "eval"),
                           max_images=self.cfg.data.eval_max_images, progress=False)
     with open(os.path.join(self.workdir, "metrics.json"), "w") as f:

@@ -33,8 +33,9 @@ RUN_OPTIONS = ("compute_dtype", "remat")
 
 
 def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDict,
-                 networks: list[str], sources: dict[str, Any], force: bool = False) -> str:
-  """Writes `tree` and its config to `directory`, atomically (temp dir, then rename).
+                 sources: dict[str, Any], force: bool = False) -> str:
+  """Writes `tree` ({network: variables}) and its config to `directory`, atomically (temp
+  dir, then rename); the networks present are recorded from the tree's keys.
 
   An existing directory is only replaced with force=True, and only after the new one is
   completely written, so a failure never loses the old weights.
@@ -54,7 +55,7 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
     ckptr.wait_until_finished()
     # compute_dtype and remat are choices of how to run, not part of the weights.
     model = {k: v for k, v in model_cfg.to_dict().items() if k not in RUN_OPTIONS}
-    meta = dict(format=FORMAT, model=model, networks=sorted(networks),
+    meta = dict(format=FORMAT, model=model, networks=sorted(tree),
                 sources=sources)
     with open(os.path.join(tmp, META), "w") as f:
       json.dump(meta, f, indent=1, default=_jsonable)

@@ -113,7 +113,7 @@ def small_weights(tmp_path_factory):
   tree = per_network_variables(init_variables(GRAIN.from_config(cfg), 0))
   tree["lpips"] = networks.convert("lpips", "builtin", cfg)[0]
   path = str(tmp_path_factory.mktemp("weights") / "small")
-  weights.save_weights(path, tree, cfg, list(tree), {})
+  weights.save_weights(path, tree, cfg, {})
   return path
 
 

@@ -22,8 +22,8 @@ import os
 import sys
 from typing import Callable
 
-from grain_jax import (bench, configs, convert, datasets, demo, evaluate, inference, networks,
-                       rescale, stages)
+from grain_jax import (bench, configs, convert, datasets, demo, evaluate, files, inference,
+                       networks, rescale, stages)
 
 EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
 EXIT_ERROR = 2
@@ -63,17 +63,19 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   return directory
 
 
-def quiet_logging() -> None:
+def quiet_logging(verbose: bool = False) -> None:
   """Our progress messages at INFO; the libraries' (Orbax, absl, JAX backends) only from
-  WARNING, so a normal run prints what the user needs and nothing else."""
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+  WARNING, so a normal run prints what the user needs and nothing else. verbose=True (the
+  --verbose flag) shows the libraries' INFO messages too."""
+  level = logging.INFO if verbose else logging.WARNING
+  logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                       stream=sys.stderr)
   logging.getLogger("grain_jax").setLevel(logging.INFO)
   for name in ("absl", "orbax", "jax._src.xla_bridge", "jax._src.distributed"):
-    logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(name).setLevel(level)
   try:
     from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
   except ImportError:  # absl comes with ml_collections; keep going without it
     pass
 
@@ -182,6 +184,10 @@ def _rescale_run(direction: str):
                        f"{', '.join(rescale.UPSCALE_OUTPUTS)}")
     if args.batch_size < 1:
       raise ValueError("--batch_size must be >= 1")
+    # Before loading the model: the inputs exist (and name distinct outputs), --out can be
+    # written.
+    files.check_can_create(args.out)
+    rescale.plan(direction, args.inputs, args.out, save)
     loaded = inference.load(args.checkpoint, args.compute_dtype)
     failed = rescale.rescale(direction, loaded, args.inputs, args.out, args.batch_size, save,
                              args.workers)
@@ -211,10 +217,12 @@ def _evaluate_arguments(p):
 
 
 def _evaluate_run(args, extra) -> int:
-  loaded = inference.load(args.checkpoint, args.compute_dtype)
+  # The data and --out are checked before the model is loaded.
   source = datasets.open_source(args.data, args.data_dir)
   if len(source) == 0:
     raise ValueError(f"no images in {args.data}")
+  evaluate.check_output(source, args.out)
+  loaded = inference.load(args.checkpoint, args.compute_dtype)
   ev = evaluate.Evaluator(loaded.model, loaded.variables, args.batch_size or None,
                           evaluate.lpips_variables(args.lpips, loaded), args.save_images)
   s = evaluate.evaluate(ev, source, args.out, args.workers, args.max_images)
@@ -222,8 +230,11 @@ def _evaluate_run(args, extra) -> int:
                       "bicubic_lpips", "lr_psnr") if s.get(k) is not None]
   print(f"{s['num_images']} images ({s['num_failed']} failed) in {s['seconds']:.1f} s: "
         + ", ".join(f"{k} {s[k]:.4f}" for k in show))
+  if s["num_nonfinite"]:
+    print(f"warning: {s['num_nonfinite']} images gave non-finite metrics (NaN outputs?); "
+          f"their means are null in metrics.json", file=sys.stderr)
   print(f"wrote {os.path.join(os.path.abspath(args.out), 'metrics.json')} and per_image.csv")
-  return EXIT_FAILED_INPUTS if s["num_failed"] else 0
+  return EXIT_FAILED_INPUTS if s["num_failed"] or s["num_nonfinite"] else 0
 
 
 # --- train
@@ -293,6 +304,9 @@ def _bench_arguments(p):
                  help="loss terms of the timed training step")
   p.add_argument("--d_update", action="store_true",
                  help="also time a training step that includes the discriminator update")
+  p.add_argument("--guard_cost", action="store_true",
+                 help="also time each training step without the divergence guard (the "
+                      "check that skips steps with a non-finite loss or update)")
   p.add_argument("--repeats", type=int, default=3,
                  help="timed calls per case, after a warm-up call (median); 0 times the first "
                       "call (compilation is never timed: programs are compiled ahead)")
@@ -332,7 +346,7 @@ def _bench_run(args, extra) -> int:
   log = (lambda *_: None) if args.json else (lambda s: print(s, flush=True))
   result = bench.run(args.config, sizes, stage_names, args.train_batch, args.compute_dtype,
                      args.remat, args.repeats, args.d_update, args.checkpoint, args.data,
-                     args.max_images, losses, args.compile_only, log)
+                     args.max_images, losses, args.compile_only, log, args.guard_cost)
   if args.json:
     print(json.dumps(result, indent=1))
   return EXIT_FAILED_INPUTS if any("error" in c for c in result["cases"]) else 0
@@ -369,6 +383,8 @@ COMMANDS = {c.name: c for c in (
 
 def _build(parser: argparse.ArgumentParser, c: Command) -> None:
   c.add_arguments(parser)
+  parser.add_argument("--verbose", action="store_true",
+                      help="also show the libraries' INFO messages (Orbax, absl, JAX)")
   parser.set_defaults(command=c)
 
 
@@ -391,7 +407,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], subcommands: bool) ->
   prog = f"{parser.prog} {c.name}" if subcommands else parser.prog
   if extra and not c.config_overrides:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  quiet_logging()
+  quiet_logging(args.verbose)
   enable_compilation_cache()
   try:
     return c.run(args, extra)

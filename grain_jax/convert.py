@@ -37,8 +37,9 @@ def convert(model_cfg, sources: dict[str, str]) -> tuple[dict, dict]:
 
 def convert_and_save(out_dir: str, model_cfg, sources: dict[str, str],
                      force: bool = False) -> str:
-  """convert() then weights.save_weights(); an existing out_dir needs force=True."""
-  if os.path.exists(out_dir) and not force:
-    raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
+  """convert() then weights.save_weights(); an existing weights out_dir needs force=True,
+  and a folder that is not a weights folder is never replaced (weights.check_target)."""
+  # Checked before converting (which can take minutes), and again when writing.
+  weights_lib.check_target(out_dir, force)
   tree, record = convert(model_cfg, sources)
   return weights_lib.save_weights(out_dir, tree, model_cfg, record, force=force)

@@ -24,6 +24,7 @@ class FolderSource:
 
   def __init__(self, inputs: Iterable[str] | str):
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    self.inputs = inputs
     self.files = images.find_images(inputs)
     images.output_names(self.files)  # raises now if two inputs would share an output name
     self.description = ", ".join(inputs)

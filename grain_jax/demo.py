@@ -22,20 +22,27 @@ SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "as
 
 def run(out: str, seed: int = 0) -> int:
   """The round trip into folder `out`; returns 0 if the PNG path matches the in-memory one."""
-  from grain_jax import images
+  from grain_jax import files, images
   from grain_jax.configs.model import grain_small
   from grain_jax.inference import LoadedModel, read_image
   from grain_jax.model import GRAIN, init_variables, per_network_variables
   from grain_jax.quantizer import lr_to_uint8, uint8_to_lr
-  from grain_jax.weights import save_weights
+  from grain_jax.weights import check_target, save_weights
 
+  # Before any work: OUT must be writable, and OUT/weights a folder the demo may replace (its
+  # own weights from an earlier run, or empty): a folder of the user's is never deleted.
+  files.check_can_create(out)
+  try:
+    weights_path = check_target(os.path.join(out, "weights"), force=True)
+  except FileExistsError as e:
+    raise FileExistsError(f"{e} (the demo saves its weights as OUT/weights)") from None
   cfg = grain_small()
   hr = cfg.hr_size
   tree = per_network_variables(init_variables(GRAIN.from_config(cfg), seed))
   loaded = LoadedModel(tree, cfg)
   x = read_image(SAMPLE, hr)
   os.makedirs(out, exist_ok=True)
-  weights_dir = save_weights(os.path.join(out, "weights"), tree, cfg,
+  weights_dir = save_weights(weights_path, tree, cfg,
                              {"init": f"random, seed {seed}"}, force=True)
 
   t = time.perf_counter()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import images, metrics, networks, prefetch
+from grain_jax import files, images, metrics, networks, prefetch
 from grain_jax.lpips import LPIPS
 
 OUTPUTS = ("hr", "hr_inv", "hr_gan")
@@ -208,11 +207,20 @@ def _run(ev: Evaluator, source, n: int, workers: int, report, on_batch, bar) -> 
     on_batch(jax.device_get(pending[0]), pending[1])
 
 
+RESULTS = ("metrics.json", "per_image.csv")  # what a run writes besides the image folders
+
+
 def summarize(ev: Evaluator, rows: list[dict], report, source, seconds: float) -> dict:
-  """metrics.json: the mean of each metric, failures, and how the numbers were made."""
+  """metrics.json: the mean of each metric, failures, and how the numbers were made.
+
+  A mean that is not finite (NaN outputs, e.g. of diverged weights) is null: JSON has no NaN.
+  `num_nonfinite` counts the images with any non-finite metric.
+  """
   summary = {"num_images": len(rows), "num_failed": len(report.failed)}
   for k in ev.names:
-    summary[k] = float(np.mean([r[k] for r in rows])) if rows else None
+    mean = float(np.mean([r[k] for r in rows])) if rows else None
+    summary[k] = mean if mean is not None and np.isfinite(mean) else None
+  summary["num_nonfinite"] = sum(not all(np.isfinite(r[k]) for k in ev.names) for r in rows)
   summary.update(
       num_resized=report.counts["resized"], failed=report.failed,
       data=getattr(source, "description", ""), hr_size=ev.hr_size, lr_size=ev.lr_size,
@@ -222,17 +230,40 @@ def summarize(ev: Evaluator, rows: list[dict], report, source, seconds: float) -
   return summary
 
 
+def _data_folders(source) -> list[str]:
+  """The folders a folder source searches (none for TFDS)."""
+  return [d for d in getattr(source, "inputs", []) if os.path.isdir(d)]
+
+
+def check_output(source, out_dir: str, create: bool = False) -> str:
+  """Before any work: refuses an `out_dir` that is, or lies inside, a data folder of `source`
+  (a second run would evaluate the first one's images), and one that cannot be written.
+  create=False checks without creating anything. Returns the absolute path."""
+  out_dir = os.path.abspath(out_dir)
+  for folder in _data_folders(source):
+    if files.inside(out_dir, folder):
+      raise ValueError(f"output folder {out_dir} is inside the data folder "
+                       f"{os.path.abspath(folder)}: a later run would evaluate these outputs; "
+                       f"choose an --out outside it")
+  return files.check_writable(out_dir) if create else files.check_can_create(out_dir)
+
+
 def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
              max_images: int | None = None, progress: bool = True) -> dict:
   """Runs `ev` on every image of `source`; writes metrics.json, per_image.csv and, if `ev`
   returns images, the image folders. Returns the metrics.json content.
 
   Unreadable images are reported, counted in `num_failed` and skipped; the rest are evaluated.
+  `out_dir` must be writable and outside the data folders (check_output). A previous run's
+  metrics.json and per_image.csv are removed first, and the new ones written atomically, so
+  a stopped run never leaves older results looking current, nor half a file.
   """
   from tqdm import tqdm
 
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = check_output(source, out_dir, create=True)
+  for name in RESULTS:
+    if os.path.isfile(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
   n = len(source) if max_images is None else min(len(source), max_images)
   bar = tqdm(total=n, unit="img", desc="evaluate", disable=not progress, file=sys.stderr)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
@@ -252,12 +283,12 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
       w.result()  # a write error (disk full, permissions) is raised, not swallowed
   bar.close()
   summary = summarize(ev, rows, report, source, time.perf_counter() - t0)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(summary, f, indent=1, allow_nan=False)
-  with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
+  # per_image.csv first: metrics.json, the summary, appears only once everything is written.
+  with files.atomic_open(os.path.join(out_dir, "per_image.csv"), newline="") as f:
     w = csv.DictWriter(f, ["file"] + ev.names)
     w.writeheader()
     w.writerows(rows)
+  files.write_json(os.path.join(out_dir, "metrics.json"), summary)
   return summary
 
 

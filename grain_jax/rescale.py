@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from grain_jax import images, prefetch
+from grain_jax.files import check_writable
 from grain_jax.quantizer import lr_to_uint8, uint8_to_lr
 
 UPSCALE_OUTPUTS = ("hr", "hr_inv", "hr_gan")
@@ -63,13 +64,17 @@ def _suffixes(direction: str, save) -> list[str]:
 
 def plan(direction: str, inputs: list[str], out_dir: str, save=("hr",)):
   """(input files, their output names, inputs that do not exist); refuses before anything is
-  written if two inputs share an output name or an output would overwrite an input."""
+  written if there is no image at all, two inputs share an output name or an output would
+  overwrite an input."""
   files, missing = [], []
   for item in inputs:
     if os.path.exists(item):
       files += images.find_images([item])
     else:
       missing.append(item)
+  if not files:  # nothing to do is a mistake (a wrong folder), not a success
+    raise ValueError(f"no images in {', '.join(inputs)}"
+                     + (f" ({', '.join(missing)}: no such file or folder)" if missing else ""))
   names = images.output_names(files)
   targets = {os.path.realpath(os.path.join(out_dir, os.path.splitext(n)[0] + s + ".png"))
              for n in names for s in _suffixes(direction, save)}
@@ -88,8 +93,8 @@ def rescale(direction: str, loaded, inputs: list[str], out_dir: str, batch_size:
 
   loaded.require("downscale" if direction == "down" else "upscale")
   hr, lr = loaded.hr_size, loaded.lr_size
-  out_dir = os.path.abspath(out_dir)
-  files, names, missing = plan(direction, inputs, out_dir, save)
+  files, names, missing = plan(direction, inputs, os.path.abspath(out_dir), save)
+  out_dir = check_writable(out_dir)
   bar = tqdm(total=len(files), unit="img", desc=f"rescale {direction}", disable=not progress,
              file=sys.stderr)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))

@@ -9,14 +9,17 @@ Layout of DIR (written by `grain-jax convert` and by training, read by grain_jax
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import tempfile
+import sys
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+
+from grain_jax import files
 
 FORMAT = "grain_jax.weights/2"
 # Format 1 kept the four model networks in one group: {'grain': {'params': {name: ...},
@@ -30,6 +33,34 @@ class WeightsError(ValueError):
 
 
 RUN_OPTIONS = ("compute_dtype", "remat")
+TEMP_PREFIX = ".grain_weights-"  # temp folders beside DIR: PREFIX + host-pid-random
+
+
+def check_target(directory: str, force: bool = False) -> str:
+  """Checks, before any work, that save_weights(directory, force=force) may write there;
+  returns the absolute path.
+
+  A missing or empty folder is fine; an existing weights folder (it has META) needs force;
+  anything else (a file, a folder of the user's) is refused even with force, so nothing of
+  the user's is ever deleted. The parent folder must be writable.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.lexists(directory):  # replacing it takes renames in its parent
+    files.check_can_create(os.path.dirname(directory), "the folder")
+  else:
+    files.check_can_create(directory, "output folder")
+  if os.path.isdir(directory):
+    if not os.listdir(directory):
+      return directory  # nothing to lose
+    if not os.path.isfile(os.path.join(directory, META)):
+      raise FileExistsError(f"{directory} exists and is not a weights folder (no {META}); "
+                            f"refusing to replace it, even with --force: move it away or "
+                            f"choose another folder")
+    if not force:
+      raise FileExistsError(f"{directory} exists; pass --force to replace it")
+  elif os.path.lexists(directory):
+    raise FileExistsError(f"{directory} exists and is not a folder; refusing to replace it")
+  return directory
 
 
 def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDict,
@@ -37,17 +68,20 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
   """Writes `tree` ({network: variables}) and its config to `directory`, atomically (temp
   dir, then rename); the networks present are recorded from the tree's keys.
 
-  An existing directory is only replaced with force=True, and only after the new one is
-  completely written, so a failure never loses the old weights.
+  An existing weights directory is only replaced with force=True, and only after the new one
+  is completely written, so a failure never loses the old weights; an existing folder that
+  is not a weights directory is never replaced (see check_target). Temp folders left by a
+  killed writer are removed first.
   """
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not force:
-    raise FileExistsError(f"{directory} exists; pass --force to replace it")
+  _recover_interrupted_replace(os.path.dirname(directory))
+  directory = check_target(directory, force)
   parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".grain_weights-", dir=parent)
+  files.remove_stale_temp_dirs(parent, TEMP_PREFIX)
+  tmp = files.make_temp_dir(parent, TEMP_PREFIX)
+  trash = None
   try:
     tree = jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
     ckptr = ocp.StandardCheckpointer()
@@ -57,20 +91,43 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
     model = {k: v for k, v in model_cfg.to_dict().items() if k not in RUN_OPTIONS}
     meta = dict(format=FORMAT, model=model, networks=sorted(tree),
                 sources=sources)
-    with open(os.path.join(tmp, META), "w") as f:
-      json.dump(meta, f, indent=1, default=_jsonable)
+    files.write_json(os.path.join(tmp, META), meta, default=_jsonable)
+    # mkdtemp makes 0700: give the folders the mode the user's umask asks for.
+    mode = files.user_mode()
+    for root, dirs, _ in os.walk(tmp):
+      for d in dirs:
+        os.chmod(os.path.join(root, d), mode)
+    os.chmod(tmp, mode)
+    check_target(directory, force)  # again: the folder may have changed meanwhile
     if os.path.exists(directory):
-      old = directory + ".old"
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(directory, old)
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
+      # The old folder goes into a temp folder of ours (never a fixed name like DIR.old,
+      # which could be the user's), is replaced, and only then deleted.
+      # Kept under its own name, so a run killed between the two renames leaves it where
+      # the next save_weights finds and restores it (_recover_interrupted_replace).
+      trash = files.make_temp_dir(parent, TEMP_PREFIX)
+      os.rename(directory, os.path.join(trash, os.path.basename(directory)))
+    os.rename(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    old = trash and os.path.join(trash, os.path.basename(directory))
+    if old and not os.path.exists(directory) and os.path.isdir(old):
+      os.rename(old, directory)  # put the old weights back
     raise
+  finally:
+    if trash and os.path.exists(directory):  # else it holds the only copy: left for the user
+      shutil.rmtree(trash, ignore_errors=True)
   return directory
+
+
+def _recover_interrupted_replace(parent: str) -> None:
+  """Puts back weights folders that a killed save_weights had moved aside (into a temp folder
+  of a dead writer, under their own name) but not yet replaced; run before stale temp
+  folders are removed, so those never hold the only copy."""
+  for temp in files.stale_temp_dirs(parent, TEMP_PREFIX):
+    for name in os.listdir(temp):
+      old, target = os.path.join(temp, name), os.path.join(parent, name)
+      if os.path.isfile(os.path.join(old, META)) and not os.path.lexists(target):
+        os.rename(old, target)
 
 
 def read_meta(directory: str) -> dict:
@@ -90,22 +147,89 @@ def read_meta(directory: str) -> dict:
 
 
 def load_weights(directory: str) -> tuple[dict, ml_collections.ConfigDict, dict]:
-  """({network: variables}, model config, meta) of a converted-weights directory."""
+  """({network: variables}, model config, meta) of a converted-weights directory.
+
+  Raises WeightsError for a directory that cannot be restored (missing or damaged files) and
+  for weights holding NaN or infinity (naming the network and the parameter).
+  """
   import orbax.checkpoint as ocp
 
   meta = read_meta(directory)
   path = os.path.join(os.path.abspath(directory), "variables")
+  silence_failed_restore_noise()
   try:
     tree = ocp.StandardCheckpointer().restore(path)
   except Exception as e:
-    raise WeightsError(f"{path}: cannot restore the weights ({type(e).__name__}: {e})") from None
+    raise WeightsError(f"{path}: cannot restore the weights ({restore_error(e)})") from None
   if meta["format"] == FORMAT_1:
     group = tree.pop("grain", {})
     for collection, by_name in group.items():
       for name, value in by_name.items():
         tree.setdefault(name, {})[collection] = value
+  check_finite(tree, directory)
   cfg = ml_collections.ConfigDict(meta["model"])
   return tree, cfg, meta
+
+
+def check_finite(tree: dict, directory: str = "weights") -> None:
+  """Raises WeightsError naming the network and parameter of the first array of `tree`
+  ({network: variables}) that holds NaN or infinity (e.g. exported by a diverged training)."""
+  for key_path, a in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.asarray(a)
+    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+      keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path]
+      bad = int(a.size - np.isfinite(a).sum())
+      raise WeightsError(f"{directory}: network '{keys[0]}' has {bad} non-finite values (NaN "
+                         f"or infinity) in {'/'.join(keys[1:])}; these weights are unusable "
+                         f"(from a diverged training?)")
+
+
+_hook_installed = False
+
+
+def silence_failed_restore_noise() -> None:
+  """Drops the tracebacks that follow a failed Orbax restore, so its error stays one line.
+
+  When one read fails, Orbax closes its event loop while TensorStore still finishes the
+  other reads: their completion callbacks fail on the closed loop ('Event loop is closed')
+  and Orbax's pending read coroutines are discarded with their own read errors, each printed
+  through sys.unraisablehook long after the clear error. Only those two kinds are dropped;
+  anything else goes to the previous hook. Installed once, for the process.
+  """
+  global _hook_installed
+  if _hook_installed:
+    return
+  previous = sys.unraisablehook
+
+  def orbax_coroutine(obj) -> bool:
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
+        or orbax_coroutine(unraisable.object)):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  # The same reads, when their asyncio task or gathering future is collected, log
+  # '... exception was never retrieved' with the whole TensorStore spec.
+  def orbax_read(message: str) -> bool:
+    return "exception was never retrieved" in message and any(
+        k in message for k in ("TensorStore", "OCDBT", f"{os.sep}orbax{os.sep}"))
+
+  logging.getLogger("asyncio").addFilter(lambda r: not orbax_read(r.getMessage()))
+  _hook_installed = True
+
+
+def restore_error(e: BaseException) -> str:
+  """The useful part of an Orbax/TensorStore restore error: its root cause's first line
+  (Orbax wraps it in errors that append pages of TensorStore specs)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return f"{type(e).__name__}: {first.split(' See full TensorStore details')[0][:300]}"
 
 
 def _jsonable(o):

@@ -12,6 +12,7 @@ from conftest import ROOT
 from grain_jax import cli, configs, networks
 from grain_jax.model import GRAIN
 
+SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
 SUBCOMMANDS = ("convert", "down", "up", "evaluate", "train", "bench", "demo")
 
 
@@ -38,7 +39,7 @@ def _error(capsys, argv):
 def test_known_failures_are_one_line_and_status_2(capsys, tmp_path):
   (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
   cases = [
-      (["up", "--checkpoint", str(tmp_path / "nothing"), str(tmp_path), "--out", str(tmp_path)],
+      (["up", "--checkpoint", str(tmp_path / "nothing"), SAMPLE, "--out", str(tmp_path)],
        "not a grain_jax weights directory"),
       (["convert", "--fusion", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "w")],
        "bad.pt: not a readable PyTorch checkpoint"),
@@ -50,7 +51,7 @@ def test_known_failures_are_one_line_and_status_2(capsys, tmp_path):
       (["train", "--config", "demo", "--config.batch_size=two", "--show_config"],
        "flag --config.batch_size=two: invalid literal for int()"),
       (["train", "--config", "demo", "stray", "--show_config"], "unexpected arguments: stray"),
-      (["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", str(tmp_path),
+      (["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", SAMPLE,
         "--out", str(tmp_path / "e")], "not a grain_jax weights directory"),
   ]
   for argv, said in cases:

@@ -145,3 +145,55 @@ def test_two_devices_give_the_same_metrics(evaluator, small_weights, folder, tmp
     assert a["file"] == b["file"]
     for k in evaluator.names:
       assert abs(float(a[k]) - float(b[k])) < 1e-4, (a["file"], k, a[k], b[k])
+
+
+class _Stop(BaseException):
+  """Stops evaluate() mid-run (as a kill would): not an image error it could skip."""
+
+
+class _StoppingSource:
+  files = []
+  description = "stopping"
+
+  def __len__(self):
+    return 2
+
+  def name(self, i):
+    return f"{i}.png"
+
+  def load(self, i):
+    raise _Stop()
+
+
+def test_a_stopped_run_leaves_no_stale_results(evaluator, folder, tmp_path):
+  out = tmp_path / "out"
+  evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(out), progress=False)
+  assert (out / "metrics.json").exists() and (out / "per_image.csv").exists()
+  with pytest.raises(_Stop):
+    evaluate.evaluate(evaluator, _StoppingSource(), str(out), progress=False)
+  # The previous run's results are gone (its images stay, overwritten by name next time).
+  assert not (out / "metrics.json").exists() and not (out / "per_image.csv").exists()
+  assert [f for f in os.listdir(out) if f.startswith(".")] == []  # no temp files either
+
+
+def test_out_inside_the_data_folder_is_refused(evaluator, folder):
+  for out in (folder, folder / "eval"):
+    with pytest.raises(ValueError, match=f"{out} is inside the data folder {folder}"):
+      evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(out), progress=False)
+  assert not (folder / "eval").exists() and not (folder / "metrics.json").exists()
+
+
+def test_non_finite_outputs_give_null_means_not_a_truncated_file(evaluator, small_model, folder,
+                                                                 tmp_path):
+  nan = jax.tree_util.tree_map(lambda a: np.full(a.shape, np.nan, a.dtype),
+                               small_model.variables)
+  evaluator.set_variables(nan)  # same shapes: no recompilation
+  try:
+    summary = evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)),
+                                str(tmp_path / "out"), progress=False)
+  finally:
+    evaluator.set_variables(small_model.variables)
+  meta = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert meta == summary and meta["num_images"] == 3 and meta["num_nonfinite"] == 3
+  assert meta["hr_psnr"] is None and meta["bicubic_psnr"] is not None
+  assert len(_csv(tmp_path / "out" / "per_image.csv")) == 3

@@ -9,7 +9,8 @@ weights of the config's shapes (the cost does not depend on the values):
   * downscale / upscale: images per second at each batch size;
   * training: seconds per step of each stage, every loss on (L2, LR-L2, LPIPS, identity,
     adversarial; --losses picks fewer), the discriminator update not included (it runs every d_every steps;
-    --d_update also times a step that includes it, R1 too);
+    --d_update also times a step that includes it, R1 too; --guard_cost also times the step
+    without the divergence guard, to show what skipping non-finite steps costs);
   * FLOPs per image from XLA's cost analysis of the program (its HLO, as lowered), the TFLOP/s this
     achieves, and the TFLOP/s of one large 3x3 convolution timed on the same device in the
     same run: its ratio (fraction_of_ceiling) is what stays comparable across busy machines;
@@ -175,8 +176,10 @@ def _time_steps(compiled, state, batch, loss_vars, repeats: int, reset_step: boo
 
 
 def bench_train(cfg, stage_names, batch: int, ceiling: float, repeats: int, d_update: bool,
-                log, losses=LOSSES, compile_only: bool = False) -> list[dict]:
-  """One case per stage (and per variant: with the D update too if d_update)."""
+                log, losses=LOSSES, compile_only: bool = False,
+                guard_cost: bool = False) -> list[dict]:
+  """One case per stage (and per variant: with the D update too if d_update; without the
+  divergence guard too if guard_cost)."""
   from grain_jax import networks, train_step
   from grain_jax.configs.training import training_config
   from grain_jax.model import GRAIN, placeholder_values, placeholder_variables
@@ -193,10 +196,11 @@ def bench_train(cfg, stage_names, batch: int, ceiling: float, repeats: int, d_up
     tcfg = training_config(name, model=cfg)
     tcfg.loss.update({k: 0.0 for k in LOSSES if k not in losses})
     d_vars = placeholder_values(networks.expected_variables(stages.get(name).discriminator, cfg))
-    variants = [("", 0)] + ([("_with_d", 1)] if d_update else [])
-    for suffix, d_every in variants:
+    variants = ([("", 0, True)] + ([("_with_d", 1, True)] if d_update else [])
+                + ([("_unguarded", 0, False)] if guard_cost else []))
+    for suffix, d_every, guard in variants:
       tcfg.d_every = d_every  # 0: no D update in the program; 1: at every step (R1 at step 0)
-      training = train_step.create_training(tcfg, variables, d_vars, loss_vars, mesh)
+      training = train_step.create_training(tcfg, variables, d_vars, loss_vars, mesh, guard)
       try:
         t = time.perf_counter()
         lowered = training.step.lower(training.state, batch_arrays, loss_vars)
@@ -265,7 +269,8 @@ HEADER = (f"  {'case':<24} {'batch':>5} {'rate':>16} {'TFLOP/img':>9} {'TFLOP/s'
 def run(config: str = "1024", batch_sizes=(1,), stage_names=stages.NAMES, train_batch: int = 1,
         compute_dtype: str = "float32", remat: bool = False, repeats: int = 3,
         d_update: bool = False, checkpoint: str = "", data: str = "", max_images: int = 16,
-        losses=LOSSES, compile_only: bool = False, log=print) -> dict:
+        losses=LOSSES, compile_only: bool = False, log=print,
+        guard_cost: bool = False) -> dict:
   """Runs the benchmark; returns the JSON-able result (see the module docstring)."""
   cfg = model_config(config)
   cfg.compute_dtype = compute_dtype
@@ -285,7 +290,7 @@ def run(config: str = "1024", batch_sizes=(1,), stage_names=stages.NAMES, train_
                                      compile_only)
   if stage_names:
     result["cases"] += bench_train(cfg, stage_names, train_batch, ceiling["tflops"], repeats,
-                                   d_update, log, losses, compile_only)
+                                   d_update, log, losses, compile_only, guard_cost)
   if checkpoint:
     result["precision"] = precision_effect(checkpoint, data, max_images, log)
   return result

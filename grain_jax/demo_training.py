@@ -3,7 +3,6 @@ scikit-image, the four stages in turn, a final evaluation on held-out crops agai
 bicubic baseline."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -12,7 +11,7 @@ import time
 import ml_collections
 import numpy as np
 
-from grain_jax import images, stages
+from grain_jax import files, images, stages
 
 log = logging.getLogger("grain_jax.demo")
 
@@ -76,11 +75,16 @@ def comparison(loaded, heldout: str, out_path: str, n: int = 4) -> None:
 
 def run(cfg, workdir: str, progress: bool = True) -> dict:
   """Trains the four stages in WORKDIR/stage*_NAME, evaluates, writes metrics.json and
-  comparison.png; returns the metrics."""
+  comparison.png; returns the metrics. The workdir is locked while the demo runs."""
+  t0 = time.perf_counter()
+  workdir = files.check_writable(workdir, "workdir")
+  with files.WorkdirLock(workdir, "demo run"):
+    return _run(cfg, workdir, progress, t0)
+
+
+def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
   from grain_jax import datasets, evaluate, inference, trainer
 
-  t0 = time.perf_counter()
-  workdir = os.path.abspath(workdir)
   train, heldout = prepare_data(cfg, os.path.join(workdir, "data"))
   previous = ""
   for k, stage in enumerate(cfg.stages, 1):
@@ -98,8 +102,7 @@ def run(cfg, workdir: str, progress: bool = True) -> dict:
                           evaluate.lpips_variables("auto", loaded))
   m = evaluate.evaluate(ev, datasets.FolderSource(heldout), os.path.join(workdir, "eval"),
                         progress=False)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(m, f, indent=1)
+  files.write_json(os.path.join(workdir, "metrics.json"), m)
   comparison(loaded, heldout, os.path.join(workdir, "comparison.png"))
   minutes = (time.perf_counter() - t0) / 60
   hr, lr = loaded.hr_size, loaded.lr_size

@@ -4,10 +4,13 @@ Built on the `grain` data library: a deterministic shuffle from the seed, differ
 epoch; each host takes every process_count-th example; decoding and cropping run in
 background threads; the iterator's position (`get_state`/`set_state`, a small JSON dict) is
 saved with each checkpoint so a resumed run sees exactly the batches it would have seen.
-Unreadable examples are skipped and counted (`skipped()`), never fatal.
+Unreadable examples are skipped, counted (`skipped()`) and named in the log (the first few);
+but a source with no example, or whose first examples all fail to read, stops the run at
+once (DataError) instead of leaving it spinning on an endless stream of failures.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -15,13 +18,28 @@ from grain import MapDataset, ReadOptions  # the data-loading library, not this 
 
 from grain_jax import datasets, images
 
+log = logging.getLogger("grain_jax.data")
+
+# A run stops if this many examples (or every example of a smaller source) failed to read
+# before any succeeded; unreadable files are named up to NAMED_SKIPS of them, then counted.
+MAX_FAILURES_BEFORE_FIRST = 100
+NAMED_SKIPS = 5
+
+
+class DataError(ValueError):
+  """Training data that cannot serve a single example."""
+
 
 class _Unpaired:
   def __init__(self, source):
     self.source = source
+    self.description = getattr(source, "description", "")
 
   def __len__(self):
     return len(self.source)
+
+  def name(self, i):
+    return self.source.name(i)
 
   def load_pair(self, i):
     return self.source.load(i)[0], None  # the target is the input
@@ -34,7 +52,11 @@ def open_training_source(cfg_data):
     return datasets.PairedFolders(cfg_data.train, cfg_data.train_target)
   if not cfg_data.train:
     raise ValueError("no training data: set --config.data.train=FOLDER or tfds:NAME/SPLIT")
-  return _Unpaired(datasets.open_source(cfg_data.train, data_dir))
+  source = _Unpaired(datasets.open_source(cfg_data.train, data_dir))
+  if len(source) == 0:
+    raise DataError(f"no training images in {cfg_data.train} (looked for "
+                    f"{', '.join(images.EXTENSIONS)} files, in subfolders too)")
+  return source
 
 
 def crop_pair(x: np.ndarray, y: np.ndarray | None, size: int, cfg_data,
@@ -68,18 +90,36 @@ class TrainData:
   def __init__(self, cfg_data, hr_size: int, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1):
     self.source = open_training_source(cfg_data)
-    self._skipped = 0
+    self._skipped, self._served, self._named = 0, 0, set()
     self._lock = threading.Lock()
+    # Each host reads every process_count-th example of the (repeated) shuffle.
+    per_host = -(-len(self.source) // process_count)
+    give_up = min(MAX_FAILURES_BEFORE_FIRST, per_host)
+    where = getattr(self.source, "description", "") or cfg_data.train
 
     def load(i, rng):
       try:
         x, y = self.source.load_pair(int(i))
         x, y = crop_pair(x, y, hr_size, cfg_data, rng)
-        return {"x": x, "y": y}
-      except (images.ImageError, OSError, ValueError):
+      except (images.ImageError, OSError, ValueError) as e:
+        name = self._name(int(i))
         with self._lock:
           self._skipped += 1
+          skipped, served = self._skipped, self._served
+          new = name not in self._named and len(self._named) < NAMED_SKIPS
+          if new:
+            self._named.add(name)
+          last = len(self._named) == NAMED_SKIPS
+        if new:  # each file once (every epoch tries it again), the first few only
+          log.warning("skipped training example %s: %s%s", name, e,
+                      " (further unreadable files are only counted)" if last else "")
+        if not served and skipped >= give_up:
+          raise DataError(f"{where}: none of the first {skipped} training examples could be "
+                          f"read (last: {e})") from None
         return None
+      with self._lock:
+        self._served += 1
+      return {"x": x, "y": y}
 
     ds = MapDataset.range(len(self.source)).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count]
@@ -88,6 +128,12 @@ class TrainData:
                                                  prefetch_buffer_size=4 * batch_size + 8))
     it_ds = it_ds.filter(lambda ex: ex is not None).batch(batch_size, drop_remainder=True)
     self._it = iter(it_ds)
+
+  def _name(self, i: int) -> str:
+    try:
+      return self.source.name(i)
+    except Exception:  # a name that cannot be read is not worth a second failure
+      return f"#{i}"
 
   def __iter__(self):
     return self

@@ -53,6 +53,8 @@ class TrainState(flax.struct.PyTreeNode):
   d_opt_state: Any
   d_batch_stats: Any   # patch discriminator BatchNorm statistics ({} for StyleGAN2's D)
   rng: jax.Array       # raw uint32 key data (checkpointable)
+  nonfinite_run: jax.Array    # consecutive steps skipped for a non-finite loss or state
+  nonfinite_total: jax.Array  # all steps skipped so far
 
 
 def variables_of(state: TrainState) -> dict:
@@ -76,6 +78,7 @@ class StepSetup:
   r1_every: int
   r1_gamma: float
   axis_name: str | None = AXIS
+  skip_nonfinite: bool = True  # the divergence guard (off only to time what it costs)
 
   @property
   def patch(self) -> bool:
@@ -193,8 +196,38 @@ def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_v
   return sum(w[k] * v for k, v in terms.items()), terms
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point value of `tree` is finite (a boolean scalar)."""
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _guard(s: StepSetup, old: TrainState, new: TrainState, metrics: dict):
+  """The divergence guard: a step whose losses or new state (parameters, optimizer and
+  discriminator states) hold a NaN or infinity is skipped, i.e. `old` is kept, and counted.
+
+  Checking the whole new state, not only the loss, also catches an optimizer moment that
+  overflowed while the parameters still look fine. Every device takes the same decision
+  (pmin), so replicas never drift apart.
+  """
+  learned = (new.params, new.opt_state, new.d_params, new.d_opt_state, new.d_batch_stats)
+  ok = all_finite(metrics) & all_finite(learned)
+  if s.axis_name:
+    ok = jax.lax.pmin(ok.astype(jnp.int32), s.axis_name).astype(bool)
+  kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+  bad = (~ok).astype(jnp.int32)
+  return kept.replace(step=new.step, nonfinite_run=jnp.where(ok, 0, old.nonfinite_run + 1),
+                      nonfinite_total=old.nonfinite_total + bad), bad
+
+
 def train_step(s: StepSetup, state: TrainState, batch, loss_vars):
-  """(state, batch dict(x, y) NHWC in [-1, 1], loss-network variables) -> (state, metrics)."""
+  """(state, batch dict(x, y) NHWC in [-1, 1], loss-network variables) -> (state, metrics).
+
+  metrics: the losses, `nonfinite` (1 if this step was skipped by the divergence guard),
+  `nonfinite_run` (consecutive skipped steps up to this one) and `nonfinite_total`.
+  """
+  old = state
   x, y = batch["x"], batch["y"]
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   d_rng, g_rng = jax.random.split(step_rng)
@@ -212,8 +245,12 @@ def train_step(s: StepSetup, state: TrainState, batch, loss_vars):
   updates, opt_state = s.tx.update(s.pmean(grads), state.opt_state, state.params)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
-  metrics = {**metrics, **{f"loss_{k}": v for k, v in terms.items()}, "loss": loss}
-  return state, s.pmean(metrics)
+  metrics = s.pmean({**metrics, **{f"loss_{k}": v for k, v in terms.items()}, "loss": loss})
+  if s.skip_nonfinite:
+    state, bad = _guard(s, old, state, metrics)
+    metrics.update(nonfinite=bad, nonfinite_run=state.nonfinite_run,
+                   nonfinite_total=state.nonfinite_total)
+  return state, metrics
 
 
 def make_parallel_step(step: Callable, mesh: Mesh) -> Callable:
@@ -256,7 +293,8 @@ def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
       step=jnp.zeros((), jnp.int32), params=wrapped, opt_state=tx.init(wrapped),
       frozen=as_jnp(frozen), d_params=d_wrapped, d_opt_state=d_tx.init(d_wrapped),
       d_batch_stats=as_jnp(d_variables.get("batch_stats", {})),
-      rng=jax.random.key_data(jax.random.key(cfg.seed)))
+      rng=jax.random.key_data(jax.random.key(cfg.seed)),
+      nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
 
 
 class Training(NamedTuple):
@@ -265,11 +303,13 @@ class Training(NamedTuple):
   model: GRAIN        # the networks the stage runs
 
 
-def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh) -> Training:
+def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
+                    skip_nonfinite: bool = True) -> Training:
   """The state and the data-parallel step of the stage `cfg` describes, over `mesh`.
 
   variables: the GRAIN model's ({'params': {network: ...}, 'buffers': ...}); d_variables:
   the stage's discriminator's; loss_vars: {'lpips'|'irse50': variables} of the loss networks.
+  skip_nonfinite=False leaves out the divergence guard (only to measure what it costs).
   """
   stage = stages.get(cfg.stage)
   tx = optim.make_optimizer(cfg.optimizer, learning_rate_schedule(cfg, cfg.learning_rate))
@@ -281,7 +321,7 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh) -> Train
   model = GRAIN.from_config(cfg.model, stage.runs)
   setup = StepSetup(model, disc, tx, d_tx, stage, {k: float(cfg.loss[k]) for k in LOSS_TERMS},
                     frozenset(loss_vars), int(cfg.d_every), int(cfg.r1_every),
-                    float(cfg.r1_gamma))
+                    float(cfg.r1_gamma), skip_nonfinite=skip_nonfinite)
   state = create_train_state(cfg, variables, d_variables, tx, d_tx)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   return Training(state, make_parallel_step(functools.partial(train_step, setup), mesh), model)

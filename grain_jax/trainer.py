@@ -10,8 +10,12 @@
     tensorboard/       scalars and the 8-panel image grids; images/ has the grids as PNG
     train_metrics.jsonl  the logged training losses, one JSON line per log step
     metrics.json       the last validation (grain_jax.evaluate's keys)
+    .lock              held by the run using the workdir (a second run is refused)
 Running the same command again resumes from the latest checkpoint and gives the same result
-as an uninterrupted run.
+as an uninterrupted run; a checkpoint that cannot be restored is set aside (into
+checkpoints_unreadable/) and the previous one used. A step whose loss or new state is not
+finite is skipped (train_step's divergence guard); after `max_nonfinite_steps` such steps in
+a row the run stops (TrainingDiverged), its checkpoints all finite.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import images, networks, optim, resample_start, stages, train_step
+from grain_jax import files, images, networks, optim, resample_start, stages, train_step
 from grain_jax import weights as weights_lib
 from grain_jax.input_pipeline import TrainData
 from grain_jax.model import (GRAIN, init_variables, model_variables, per_network_variables,
@@ -40,11 +44,19 @@ log = logging.getLogger("grain_jax.train")
 # Fields that may change when a run is resumed: how long it runs and how it reports.
 RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images",
-                     "model.compute_dtype", "model.remat")
+                     "model.compute_dtype", "model.remat", "max_nonfinite_steps")
 
 
 class ConfigMismatchError(ValueError):
   """A workdir's checkpoints were made with another config."""
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or state."""
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir can be restored."""
 
 
 # ------------------------------------------------------------------------------ config
@@ -67,9 +79,7 @@ def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
       raise ConfigMismatchError(
           f"{workdir} holds a run with another config ({fields}); resuming it would mix runs: "
           f"use a new --workdir, or the checkpoint's values")
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(new, f, indent=1)
+  files.write_json(path, new)
 
 
 # ------------------------------------------------------------------------------ weights
@@ -91,9 +101,29 @@ def _load_sources(cfg) -> tuple[dict, dict]:
                        _previous_weights(cfg.init.previous_workdir))):
     if path:
       tree, _, _ = weights_lib.load_weights(path)
+      field = "init.weights" if label == "weights" else "init.previous_workdir"
+      for name, variables in tree.items():
+        _check_shapes(name, variables, cfg.model, f"{field} {path}")
       found.update(tree)
       origin.update({n: f"{label} {path}" for n in tree})
   return found, origin
+
+
+def _check_shapes(name: str, variables, model_cfg, where: str) -> None:
+  """Refuses weights of a network whose shapes differ from the configured network's."""
+  if name not in networks.NETWORKS or name in ("lpips", "irse50"):  # fixed architectures
+    return
+  expected = traverse_util.flatten_dict(networks.expected_variables(name, model_cfg), sep="/")
+  got = traverse_util.flatten_dict(variables, sep="/")
+  for key in sorted(expected):
+    if name == "generator" and key.startswith("params/style_"):
+      continue  # the mapping network: GRAIN feeds W+ codes, so its weights are not exported
+    have, want = (np.shape(got[key]) if key in got else "missing"), tuple(expected[key].shape)
+    if have != want:
+      raise ValueError(
+          f"{where}: network '{name}' does not fit the config: {key} is {have} there, the "
+          f"config's model expects {want} (model.hr_size={model_cfg.hr_size}, "
+          f"model.lr_size={model_cfg.lr_size}); use weights made with the same model config")
 
 
 def _add_random_networks(cfg, found: dict, origin: dict, placeholders: bool) -> None:
@@ -112,7 +142,8 @@ def _add_random_networks(cfg, found: dict, origin: dict, placeholders: bool) -> 
     # ones this stage does not run on to the next stage through the exported weights.
     nets = [n for n in (MODEL_NETWORKS if cfg.init.get("random_all") else stage.runs)
             if n not in found]
-    log.warning("random initial weights for %s", ", ".join(nets))
+    if not placeholders:  # placeholders: a checkpoint replaces them, nothing to warn about
+      log.warning("random initial weights for %s", ", ".join(nets))
     model = GRAIN.from_config(cfg.model, set(nets) | set(stage.runs))
     fresh = per_network_variables(placeholder_variables(model) if placeholders
                                   else init_variables(model, cfg.seed))
@@ -127,7 +158,8 @@ def _add_random_networks(cfg, found: dict, origin: dict, placeholders: bool) -> 
           origin[n] += ", starting as a resampler (init.resample_start)"
   d_name = stage.discriminator
   if d_name in missing:
-    log.warning("random initial weights for the %s", d_name.replace("_", " "))
+    if not placeholders:
+      log.warning("random initial weights for the %s", d_name.replace("_", " "))
     found[d_name] = (placeholder_values(networks.expected_variables(d_name, cfg.model))
                      if placeholders else networks.init(d_name, cfg.model, cfg.seed + 1))
     origin[d_name] = f"random (seed {cfg.seed + 1})"
@@ -205,21 +237,38 @@ class _Reporter:
     self.cfg, self.workdir, self.model = cfg, workdir, model
     self.main = jax.process_index() == 0
     self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.main else None
+    # A skipped step's NaN loss is logged on purpose; tensorboardX would warn once per value.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     self.path = os.path.join(workdir, "train_metrics.jsonl")
-    if os.path.exists(self.path):  # drop lines logged after the checkpoint we resume from
-      with open(self.path) as f:
-        lines = [line for line in f if json.loads(line)["step"] <= first_step]
-      with open(self.path, "w") as f:
-        f.writelines(lines)
+    if self.main and os.path.exists(self.path):
+      self._truncate_log(first_step)
     stage = stages.get(cfg.stage)
     self._preview = jax.jit(lambda v, x, noise: train_step.forward(model, v, x, *noise, stage))
     self._t0, self._steps = time.perf_counter(), 0
+
+  def _truncate_log(self, first_step: int) -> None:
+    """Keeps the lines up to the checkpoint we resume from; a line cut short by a kill
+    mid-write is dropped (with a warning), not fatal."""
+    kept, dropped = [], 0
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= first_step:
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+          dropped += 1
+    if dropped:
+      log.warning("%s: dropped %d damaged line(s) (a run killed while writing?)", self.path,
+                  dropped)
+    with files.atomic_open(self.path) as f:
+      f.writelines(kept)
 
   def step_done(self) -> None:
     self._steps += 1
 
   def losses(self, step: int, metrics, skipped: int) -> dict:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m.pop("nonfinite_run", None)  # the guard's bookkeeping (nonfinite: this step skipped)
     sec = (time.perf_counter() - self._t0) / max(self._steps, 1)
     self._t0, self._steps = time.perf_counter(), 0
     if self.writer:
@@ -229,8 +278,10 @@ class _Reporter:
       self.writer.add_scalar("train/skipped_examples", skipped, step)
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())))
     if self.main:
+      # JSON has no NaN: a non-finite loss is logged as null.
+      row = {k: (v if np.isfinite(v) else None) for k, v in m.items()}
       with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **m}) + "\n")
+        f.write(json.dumps({"step": step, **row}) + "\n")
     return m
 
   def preview(self, step: int, state, host_batch) -> None:
@@ -246,7 +297,8 @@ class _Reporter:
   def validation(self, step: int, metrics: dict, names) -> None:
     if self.writer:
       for k in names:
-        self.writer.add_scalar(f"eval/{k}", metrics[k], step)
+        if metrics[k] is not None:  # None: no finite value (evaluate's null)
+          self.writer.add_scalar(f"eval/{k}", metrics[k], step)
 
   def close(self) -> None:
     if self.writer:
@@ -261,6 +313,7 @@ class _Validation:
 
     self.cfg, self.workdir = cfg, workdir
     self.source = datasets.open_source(cfg.data.eval, cfg.data.data_dir or None)
+    evaluate.check_output(self.source, os.path.join(workdir, "eval"))  # before training
     if lpips_params is None:
       lpips_params = evaluate.lpips_variables("auto")
     self.evaluator = evaluate.Evaluator(model, variables, devices, lpips_params)
@@ -277,14 +330,13 @@ class _Validation:
     self.evaluator.set_variables(train_step.variables_of(state))
     m = evaluate.evaluate(self.evaluator, self.source, os.path.join(self.workdir, "eval"),
                           max_images=self.cfg.data.eval_max_images, progress=False)
-    with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
-      json.dump(dict(m, step=step, stage=self.cfg.stage), f, indent=1)
+    files.write_json(os.path.join(self.workdir, "metrics.json"),
+                     dict(m, step=step, stage=self.cfg.stage))
     score = m[self.metric]
     if score is not None and score > self.best:
       self.best = score
       export(os.path.join(self.workdir, "best"))
-      with open(self.best_path, "w") as f:
-        json.dump({"score": score, "metric": self.metric, "step": step}, f)
+      files.write_json(self.best_path, {"score": score, "metric": self.metric, "step": step})
     return m
 
 
@@ -302,23 +354,71 @@ class _Checkpoints:
     import orbax.checkpoint as ocp
 
     self.ocp = ocp
+    self.workdir = workdir
+    self.directory = os.path.join(workdir, "checkpoints")
     self.mgr = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
     self.resuming = self.mgr.latest_step() is not None
+    self.last_saved = self.mgr.latest_step()
 
   def restore(self, state, data: TrainData):
-    """The latest checkpoint's state (shaped like `state`); moves `data` to its position."""
+    """The newest checkpoint that restores (shaped like `state`); moves `data` to its
+    position. A newer one that fails (truncated by a full disk, say) is moved to
+    checkpoints_unreadable/ with a warning naming both steps, so the run continues from the
+    one before and can save that step number again."""
     args = self.ocp.args
-    restored = self.mgr.restore(self.mgr.latest_step(), args=args.Composite(
-        state=args.StandardRestore(state), data=args.JsonRestore()))
-    data.set_state(restored["data"])
-    return restored["state"]
+    steps = sorted(self.mgr.all_steps(), reverse=True)
+    failures = []
+    weights_lib.silence_failed_restore_noise()
+    for step in steps:
+      try:
+        restored = self.mgr.restore(step, args=args.Composite(
+            state=args.StandardRestore(state), data=args.JsonRestore()))
+        data.set_state(restored["data"])
+      except Exception as e:  # Orbax raises many kinds for a damaged checkpoint
+        failures.append((step, weights_lib.restore_error(e)))
+        continue
+      if failures:
+        self._set_aside([f for f, _ in failures])
+        log.warning("checkpoint step %s in %s cannot be restored (%s); resuming from step %d "
+                    "instead (the unreadable ones are in checkpoints_unreadable/)",
+                    ", ".join(str(f) for f, _ in failures), self.directory, failures[0][1],
+                    step)
+      self.last_saved = step
+      return restored["state"]
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} can be restored (steps "
+        f"{', '.join(str(f) for f, _ in failures)}; latest: {failures[0][1]}); move the "
+        f"checkpoints/ folder away to start over")
+
+  def _set_aside(self, bad_steps) -> None:
+    if jax.process_index() == 0:  # one mover; the other hosts wait for it below
+      aside = os.path.join(self.workdir, "checkpoints_unreadable")
+      os.makedirs(aside, exist_ok=True)
+      for step in bad_steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src):
+          dst = os.path.join(aside, str(step))
+          k = 1
+          while os.path.exists(dst):
+            dst, k = os.path.join(aside, f"{step}.{k}"), k + 1
+          os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("grain_jax: unreadable checkpoints set aside")
+    self.mgr.reload()  # forget the steps moved away
 
   def save(self, step: int, state, data: TrainData) -> None:
     args = self.ocp.args
     self.mgr.save(step, args=args.Composite(state=args.StandardSave(state),
                                             data=args.JsonSave(data.get_state())))
+    self.last_saved = step
+
+  def describe_last(self) -> str:
+    if self.last_saved is None:
+      return "no checkpoint was saved"
+    return f"the last checkpoint is step {self.last_saved} in {self.directory}"
 
   def close(self) -> None:
     self.mgr.wait_until_finished()
@@ -337,10 +437,36 @@ def _mesh(cfg) -> tuple[Mesh, int]:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> dict:
   """Trains one stage per `cfg` in `workdir` (resuming if it holds checkpoints); returns the
-  last validation metrics ({} without validation data)."""
+  last validation metrics ({} without validation data).
+
+  The workdir is locked for the run (a second run there is refused, naming this one);
+  raises TrainingDiverged after cfg.max_nonfinite_steps skipped steps in a row.
+  """
+  workdir = files.check_writable(workdir, "workdir")
+  # One writer per workdir: the first process (the others of a multi-host run write only
+  # their checkpoint shards, which Orbax coordinates).
+  lock = files.WorkdirLock(workdir, "training run") if jax.process_index() == 0 else None
+  if lock:
+    lock.acquire()
+  try:
+    return _train(cfg, workdir, progress)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _diverged(cfg, step: int, run: int, ckpts: _Checkpoints) -> TrainingDiverged:
+  return TrainingDiverged(
+      f"training diverged at step {step}: the loss or the updated weights were not finite for "
+      f"{run} steps in a row (steps {step - run + 1}-{step}, max_nonfinite_steps "
+      f"{cfg.max_nonfinite_steps}); those updates were skipped and nothing non-finite was "
+      f"saved; {ckpts.describe_last()}. Try a lower learning_rate (now {cfg.learning_rate:g}) "
+      f"or check the data")
+
+
+def _train(cfg, workdir: str, progress: bool) -> dict:
   from tqdm import tqdm
 
-  workdir = os.path.abspath(workdir)
   check_config(workdir, cfg)
   mesh, batch_size = _mesh(cfg)
   ckpts = _Checkpoints(workdir, cfg.keep_checkpoints)
@@ -360,32 +486,59 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                           mesh.size) if cfg.data.eval else None)
   del variables, d_variables
   export = lambda path: export_weights(path, cfg, state, loss_vars, origin)
+  # Belt and braces for the guard: a state that is not finite (e.g. NaN initial weights)
+  # is never saved.
+  state_finite = jax.jit(lambda st: train_step.all_finite(
+      (st.params, st.opt_state, st.frozen, st.d_params, st.d_opt_state, st.d_batch_stats)))
   batch_sharding = NamedSharding(mesh, P(train_step.AXIS))
   bar = tqdm(total=cfg.max_steps, initial=first, unit="step", desc=f"train {cfg.stage}",
              disable=not progress, file=sys.stderr, dynamic_ncols=True)
   last_metrics: dict = {}
-  for step in range(first + 1, cfg.max_steps + 1):
-    host_batch = next(data)
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-             for k, v in host_batch.items()}
-    state, metrics = training.step(state, batch, loss_vars)
-    report.step_done()
-    bar.update(1)
-    if _due(step, cfg.log_every, cfg.max_steps):
-      m = report.losses(step, metrics, data.skipped())
-      bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-    if cfg.image_every and _due(step, cfg.image_every, cfg.max_steps):
-      report.preview(step, state, host_batch)
-    if _due(step, cfg.checkpoint_every, cfg.max_steps):
-      ckpts.save(step, state, data)
-      if jax.process_index() == 0:
-        export(os.path.join(workdir, "weights"))
-    if validate and _due(step, cfg.eval_every, cfg.max_steps):
-      last_metrics = validate(step, state, export)
-      report.validation(step, last_metrics, validate.evaluator.names)
-  ckpts.close()
-  bar.close()
-  report.close()
+  # The previous step's count of consecutive skipped steps, read once the next step is
+  # dispatched so the host never waits for the device just to check it.
+  pending = None
+
+  def check(step: int, run) -> None:
+    run = int(run)
+    if run == 1:
+      log.warning("step %d skipped: non-finite loss or update", step)
+    if run >= cfg.max_nonfinite_steps > 0:
+      raise _diverged(cfg, step, run, ckpts)
+
+  try:
+    for step in range(first + 1, cfg.max_steps + 1):
+      host_batch = next(data)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+               for k, v in host_batch.items()}
+      state, metrics = training.step(state, batch, loss_vars)
+      if pending is not None:
+        check(*pending)
+      pending = (step, metrics["nonfinite_run"])
+      report.step_done()
+      bar.update(1)
+      if _due(step, cfg.log_every, cfg.max_steps):
+        m = report.losses(step, metrics, data.skipped())
+        bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+      if cfg.image_every and _due(step, cfg.image_every, cfg.max_steps):
+        report.preview(step, state, host_batch)
+      if _due(step, cfg.checkpoint_every, cfg.max_steps):
+        check(*pending)  # a run that just diverged stops before saving
+        pending = None
+        if not bool(state_finite(state)):
+          log.warning("step %d: not saved, the state holds non-finite values", step)
+        else:
+          ckpts.save(step, state, data)
+          if jax.process_index() == 0:
+            export(os.path.join(workdir, "weights"))
+      if validate and _due(step, cfg.eval_every, cfg.max_steps):
+        last_metrics = validate(step, state, export)
+        report.validation(step, last_metrics, validate.evaluator.names)
+    if pending is not None:
+      check(*pending)
+  finally:
+    ckpts.close()  # an error above still lets the last checkpoint commit
+    bar.close()
+    report.close()
   if data.skipped():
     log.warning("%d training examples could not be read and were skipped", data.skipped())
   return last_metrics

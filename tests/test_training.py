@@ -16,7 +16,8 @@ from tiny_config import tiny_training
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def test_two_and_four_devices_match_one_device():
-  """Stage 1 on 2 devices and stage 4 on 4 devices against 1 device (3 steps each)."""
+  """Stage 1 on 2 devices and stage 4 on 4 devices against 1 device (3 steps each), and a
+  4th step with a NaN that every device skips."""
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   res = subprocess.run([sys.executable, os.path.join(TESTS, "multidevice_equivalence.py")],
@@ -31,6 +32,10 @@ def test_two_and_four_devices_match_one_device():
     assert abs(r["loss"][0] - r["loss"][1]) <= 1e-4 * abs(r["loss"][0]), (case, r)
     assert r["d_loss"][0] > 0 and abs(r["d_loss"][0] - r["d_loss"][1]) <= 1e-4, (case, r)
   assert out["finetune/4"]["r1"][0] > 0
+  # A NaN in one device's shard: on 1, 2 and 4 devices the step is skipped (nothing changes)
+  # and counted, and the step counter still advances.
+  for case, r in out.items():
+    assert r["nan_step"] == [[True, 1.0, 4], [True, 1.0, 4]], (case, r)
 
 
 @pytest.fixture(scope="module")

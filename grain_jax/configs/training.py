@@ -57,6 +57,9 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   c.eval_every = 20000
   c.checkpoint_every = 20000
   c.keep_checkpoints = 3
+  # A step whose loss or updated weights are not finite is skipped (nothing changes); after
+  # this many in a row the run stops with exit status 2 (0: never stop, keep skipping).
+  c.max_nonfinite_steps = 20
   c.seed = 0
   return c
 

@@ -1,0 +1,226 @@
+"""Training that goes wrong fails clearly and loses nothing: divergence, data that cannot
+serve, two runs in one workdir, damaged logs and checkpoints, initial weights that do not
+fit. All on the tiny config (32 <-> 4)."""
+import gc
+import glob
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from conftest import ROOT
+from tiny_config import tiny_training
+
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+  """Three small natural pictures."""
+  d = tmp_path_factory.mktemp("pictures")
+  for name in ("astronaut", "coffee", "chelsea"):
+    img = Image.fromarray(getattr(skimage.data, name)())
+    img.resize((img.width // 6, img.height // 6), Image.BICUBIC).save(d / f"{name}.png")
+  return str(d)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+  from grain_jax.cli import enable_compilation_cache
+  enable_compilation_cache()
+
+
+def _train_cli(capsys, workdir, *overrides):
+  """`grain-jax train --config tests/tiny_config.py` in-process: (exit status, stderr lines)."""
+  from grain_jax import cli
+  rc = cli.main(["train", "--config", TINY, "--workdir", str(workdir), "--noprogress",
+                 *overrides])
+  return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def _errors(lines):
+  return [line for line in lines if ": error: " in line]
+
+
+def _log(workdir):
+  with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _damage(workdir, step):
+  """Truncates the biggest file of a checkpoint, as a full disk or a kill mid-copy would."""
+  paths = [p for p in glob.glob(os.path.join(workdir, "checkpoints", str(step), "**"),
+                                recursive=True) if os.path.isfile(p)]
+  big = max(paths, key=os.path.getsize)
+  with open(big, "r+b") as f:
+    f.truncate(os.path.getsize(big) // 2)
+
+
+def test_diverging_run_skips_steps_then_stops_with_status_2(pictures, tmp_path, capsys):
+  from grain_jax import weights
+  held = tmp_path / "held"
+  held.mkdir()
+  Image.fromarray(skimage.data.astronaut()[100:164, 200:264]).save(held / "a.png")
+  work = tmp_path / "w"
+  rc, err = _train_cli(capsys, work, f"--config.data.train={pictures}",
+                       "--config.learning_rate=1e6", "--config.max_steps=12",
+                       "--config.max_nonfinite_steps=3", "--config.checkpoint_every=2",
+                       "--config.eval_every=2", f"--config.data.eval={held}")
+  assert rc == 2, err
+  msg = _errors(err)
+  assert len(msg) == 1 and "training diverged at step" in msg[0], err
+  assert "not finite for 3 steps in a row" in msg[0] and "last checkpoint is step" in msg[0]
+  log = _log(work)
+  skipped = [r["step"] for r in log if r["nonfinite"]]
+  assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3)), log
+  assert all(r["loss"] is None for r in log if r["nonfinite"])  # JSON null, the file parses
+  assert log[-1]["nonfinite_total"] == 3
+  # What was saved is finite (load_weights refuses NaN), and the run's last checkpoint, named
+  # in the message, committed although the run stopped with an error.
+  tree, _, meta = weights.load_weights(str(work / "weights"))
+  step = int(msg[0].split("last checkpoint is step ")[1].split()[0])
+  assert meta["sources"]["trained_steps"] == step
+  assert str(step) in os.listdir(work / "checkpoints")
+  with open(work / "metrics.json") as f:
+    json.load(f)  # validation of the huge weights wrote a whole file
+
+
+def test_training_data_that_cannot_serve_stops_at_once(tmp_path, capsys, caplog):
+  from grain_jax.input_pipeline import DataError, TrainData
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  rc, err = _train_cli(capsys, tmp_path / "w1", f"--config.data.train={empty}")
+  assert rc == 2 and _errors(err) == [f"grain-jax train: error: no training images in {empty} "
+                                      f"(looked for .png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp, "
+                                      f".ppm, .pgm files, in subfolders too)"], err
+
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  for i in range(7):
+    (broken / f"bad{i}.png").write_bytes(b"not an image")
+  cfg = tiny_training(**{"data.train": str(broken)})
+  data = TrainData(cfg.data, 32, 2, seed=0)
+  result = {}
+
+  def pull():
+    try:
+      next(data)
+    except Exception as e:
+      result["error"] = e
+
+  t = threading.Thread(target=pull, daemon=True)
+  with caplog.at_level(logging.WARNING, "grain_jax.data"):
+    t.start()
+    t.join(60)
+  assert not t.is_alive(), "training data that cannot be read made the run hang"
+  assert isinstance(result.get("error"), DataError), result
+  assert f"{broken}: none of the first 7 training examples could be read" in str(result["error"])
+  named = [r.getMessage() for r in caplog.records if "skipped training example" in r.getMessage()]
+  assert len(named) == 5 and "further unreadable files are only counted" in named[-1], named
+  assert len({m.split()[3] for m in named}) == 5  # five different files, each named once
+
+
+def test_a_bad_file_among_good_ones_is_named_and_skipped(pictures, tmp_path, caplog):
+  import shutil
+  from grain_jax.input_pipeline import TrainData
+
+  d = tmp_path / "mixed"
+  shutil.copytree(pictures, d)
+  (d / "broken.png").write_bytes(b"not an image")
+  data = TrainData(tiny_training(**{"data.train": str(d)}).data, 32, 2, seed=0)
+  with caplog.at_level(logging.WARNING, "grain_jax.data"):
+    for _ in range(4):  # two epochs of the 3 good pictures: broken.png was tried
+      assert next(data)["x"].shape == (2, 32, 32, 3)
+  assert data.skipped() >= 1
+  named = [r.getMessage() for r in caplog.records if "skipped training example" in r.getMessage()]
+  assert len(named) == 1 and "skipped training example broken.png: " in named[0], named
+
+
+def test_one_run_per_workdir(tmp_path):
+  from grain_jax import files, trainer
+  work = tmp_path / "w"
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from grain_jax import files; "
+       f"lock = files.WorkdirLock({str(work)!r}).acquire(); print('locked', flush=True); "
+       "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RuntimeError, match=rf"{work} is in use by another training run \(host "
+                                           rf"\S+, pid {holder.pid}, since "):
+      trainer.train_and_evaluate(tiny_training(), str(work), progress=False)
+    assert os.listdir(work) == [".lock"]  # refused before writing anything
+  finally:
+    holder.send_signal(signal.SIGKILL)  # a killed run: no chance to clean up
+    holder.wait()
+  with files.WorkdirLock(str(work)) as lock:  # its lock does not block the next run
+    with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
+      files.WorkdirLock(str(work)).acquire()  # and a lock is a lock within a process too
+  files.WorkdirLock(str(work)).acquire().release()
+  assert lock._f is None
+
+
+def test_resume_survives_a_cut_log_line_and_a_damaged_checkpoint(pictures, tmp_path, caplog,
+                                                                  capsys):
+  from grain_jax import trainer, weights
+  work = str(tmp_path / "w")
+  cfg = lambda steps: tiny_training(**{"data.train": pictures, "max_steps": steps})
+  trainer.train_and_evaluate(cfg(4), work, progress=False)
+  first = _log(work)
+  with open(os.path.join(work, "train_metrics.jsonl"), "a") as f:
+    f.write('{"step": 5, "loss": 0.4')  # a kill mid-write
+  _damage(work, 4)
+
+  with caplog.at_level(logging.WARNING, "grain_jax.train"):
+    trainer.train_and_evaluate(cfg(6), work, progress=False)
+  warnings = " ".join(r.getMessage() for r in caplog.records)
+  assert "checkpoint step 4 in" in warnings and "resuming from step 2 instead" in warnings
+  assert "damaged line" in warnings
+  assert os.listdir(os.path.join(work, "checkpoints_unreadable")) == ["4"]
+  again = _log(work)
+  assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+  assert again[:4] == first  # steps 3 and 4 redone from step 2 exactly as the first time
+  assert weights.load_weights(os.path.join(work, "weights"))[2]["sources"]["trained_steps"] == 6
+
+  for step in (2, 4, 6):
+    _damage(work, step)
+  capsys.readouterr()
+  from grain_jax import cli
+  rc = cli.main(["train", "--config", TINY, "--workdir", work, "--noprogress",
+                 f"--config.data.train={pictures}", "--config.max_steps=8"])
+  gc.collect()  # Orbax's abandoned reads report when collected: that too must stay quiet
+  err = capsys.readouterr().err
+  assert rc == 2 and re.search(r"error: no checkpoint in \S+ can be restored \(steps 6, 4, 2; "
+                               r"latest: ValueError: OUT_OF_RANGE", err), err
+  assert "Traceback" not in err and "never retrieved" not in err, err
+
+
+def test_initial_weights_that_do_not_fit_are_named(pictures, tmp_path, capsys):
+  from grain_jax import networks, weights
+  from grain_jax.model import placeholder_values
+  cfg = tiny_training()
+  wide = tiny_training(**{"model.rescaler.nf": 16}).model
+  rescaler = placeholder_values(networks.expected_variables("rescaler", wide))
+  weights.save_weights(str(tmp_path / "wide"), {"rescaler": rescaler}, wide, {})
+  rc, err = _train_cli(capsys, tmp_path / "w", f"--config.data.train={pictures}",
+                       f"--config.init.weights={tmp_path / 'wide'}")
+  assert rc == 2 and len(_errors(err)) == 1, err
+  assert (f"init.weights {tmp_path / 'wide'}: network 'rescaler' does not fit the config: "
+          f"params/decoder/conv_first/bias is (16,) there, the config's model expects (8,)"
+          ) in err[-1]
+
+  nan = {"rescaler": placeholder_values(networks.expected_variables("rescaler", cfg.model))}
+  nan["rescaler"]["params"]["encoder"]["conv_first"]["bias"][0] = np.nan
+  weights.save_weights(str(tmp_path / "nan"), nan, cfg.model, {})
+  rc, err = _train_cli(capsys, tmp_path / "w", f"--config.data.train={pictures}",
+                       f"--config.init.weights={tmp_path / 'nan'}")
+  assert rc == 2 and "network 'rescaler' has 1 non-finite values" in _errors(err)[0], err

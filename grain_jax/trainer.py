@@ -276,7 +276,9 @@ class _Reporter:
         self.writer.add_scalar(f"train/{k}", v, step)
       self.writer.add_scalar("train/seconds_per_step", sec, step)
       self.writer.add_scalar("train/skipped_examples", skipped, step)
-    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())))
+    # The guard's counts only once a step was skipped: a healthy run's lines stay short.
+    shown = {k: v for k, v in m.items() if m.get("nonfinite_total") or not k.startswith("nonf")}
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
     if self.main:
       # JSON has no NaN: a non-finite loss is logged as null.
       row = {k: (v if np.isfinite(v) else None) for k, v in m.items()}

@@ -19,6 +19,7 @@ a row the run stops (TrainingDiverged), its checkpoints all finite.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -360,7 +361,9 @@ class _Checkpoints:
     self.directory = os.path.join(workdir, "checkpoints")
     self.mgr = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
     self.resuming = self.mgr.latest_step() is not None
     self.last_saved = self.mgr.latest_step()
 
@@ -375,9 +378,13 @@ class _Checkpoints:
     weights_lib.silence_failed_restore_noise()
     for step in steps:
       try:
+        target = self._target(step, state)
         restored = self.mgr.restore(step, args=args.Composite(
-            state=args.StandardRestore(state), data=args.JsonRestore()))
+            state=args.StandardRestore(target), data=args.JsonRestore()))
         data.set_state(restored["data"])
+        found = restored["state"]
+        if isinstance(target, dict):
+          found = state.replace(**found)
       except Exception as e:  # Orbax raises many kinds for a damaged checkpoint
         failures.append((step, weights_lib.restore_error(e)))
         continue
@@ -388,11 +395,21 @@ class _Checkpoints:
                     ", ".join(str(f) for f, _ in failures), self.directory, failures[0][1],
                     step)
       self.last_saved = step
-      return restored["state"]
+      return found
     raise CheckpointError(
         f"no checkpoint in {self.directory} can be restored (steps "
         f"{', '.join(str(f) for f, _ in failures)}; latest: {failures[0][1]}); move the "
         f"checkpoints/ folder away to start over")
+
+  def _target(self, step: int, state):
+    """What to restore step `step` into: `state`, or for a checkpoint made before the
+    divergence guard (without its two counters) a dict of the fields it has (the counters
+    then start at zero)."""
+    stored = set(self.mgr.item_metadata(step)["state"].keys())
+    fields = {f.name for f in dataclasses.fields(state)}
+    if stored != fields and fields - stored <= {"nonfinite_run", "nonfinite_total"}:
+      return {k: getattr(state, k) for k in stored}
+    return state
 
   def _set_aside(self, bad_steps) -> None:
     if jax.process_index() == 0:  # one mover; the other hosts wait for it below

@@ -224,3 +224,34 @@ def test_initial_weights_that_do_not_fit_are_named(pictures, tmp_path, capsys):
   rc, err = _train_cli(capsys, tmp_path / "w", f"--config.data.train={pictures}",
                        f"--config.init.weights={tmp_path / 'nan'}")
   assert rc == 2 and "network 'rescaler' has 1 non-finite values" in _errors(err)[0], err
+
+
+def test_checkpoints_from_before_the_divergence_guard_still_resume(pictures, tmp_path):
+  """A workdir of the previous version (its train state has no guard counters) resumes to
+  the same steps as one of this version."""
+  import shutil
+
+  import orbax.checkpoint as ocp
+  from grain_jax import trainer
+  cfg = lambda steps: tiny_training(**{"data.train": pictures, "max_steps": steps})
+  new, old = str(tmp_path / "new"), str(tmp_path / "old")
+  trainer.train_and_evaluate(cfg(2), new, progress=False)
+  manager = lambda w: ocp.CheckpointManager(
+      os.path.join(w, "checkpoints"), item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                      "data": ocp.JsonCheckpointHandler()})
+  args = ocp.args
+  src, dst = manager(new), manager(old)
+  restored = src.restore(2, args=args.Composite(state=args.StandardRestore(),
+                                                data=args.JsonRestore()))
+  state = {k: v for k, v in restored["state"].items() if not k.startswith("nonfinite")}
+  dst.save(2, args=args.Composite(state=args.StandardSave(state),
+                                  data=args.JsonSave(restored["data"])))
+  dst.wait_until_finished()
+  src.close()
+  dst.close()
+  shutil.copy(os.path.join(new, "config.json"), os.path.join(old, "config.json"))
+
+  for w in (new, old):
+    trainer.train_and_evaluate(cfg(4), w, progress=False)
+  assert [r["step"] for r in _log(old)] == [3, 4]
+  assert _log(old) == _log(new)[2:]

@@ -112,6 +112,28 @@ def _add_config(p: argparse.ArgumentParser, default: str | None) -> None:
                  help="print the config (every field, overrides applied) and exit")
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group(
+      "several processes (hosts)",
+      "Run the same command in every process; see README 'Running on clusters'.")
+  g.add_argument("--multihost", action="store_true",
+                 help="join a multi-process job, the cluster detected by JAX (TPU pod slice, "
+                      "SLURM, Open MPI, Kubernetes) unless the three options below are given")
+  g.add_argument("--coordinator_address", metavar="HOST:PORT",
+                 help="process 0's address and a free port (implies --multihost)")
+  g.add_argument("--num_processes", type=int, metavar="N", help="processes in the job")
+  g.add_argument("--process_id", type=int, metavar="I", help="this process, 0..N-1")
+  g.add_argument("--heartbeat_timeout", type=int, default=100, metavar="SECONDS",
+                 help="a process silent this long is taken as dead and the job ends")
+
+
+def _initialize_distributed(args) -> None:
+  explicit = (args.coordinator_address, args.num_processes, args.process_id)
+  if args.multihost or any(v is not None for v in explicit):
+    from grain_jax import distributed
+    distributed.initialize(*explicit, heartbeat_timeout_s=args.heartbeat_timeout)
+
+
 def _load_config(args, extra: list[str]):
   return configs.load(args.config, extra)
 
@@ -214,9 +236,11 @@ def _evaluate_arguments(p):
   p.add_argument("--max_images", type=int, default=None, help="evaluate the first N only")
   p.add_argument("--workers", type=int, default=4, help="background I/O threads")
   _add_compute_dtype(p)
+  _add_distributed(p)
 
 
 def _evaluate_run(args, extra) -> int:
+  _initialize_distributed(args)
   # The data and --out are checked before the model is loaded.
   source = datasets.open_source(args.data, args.data_dir)
   if len(source) == 0:
@@ -241,21 +265,17 @@ def _evaluate_run(args, extra) -> int:
 
 def _train_arguments(p):
   _add_config(p, None)
-  p.add_argument("--workdir", help="where checkpoints, logs and weights go (required)")
-  p.add_argument("--multihost", action="store_true",
-                 help="call jax.distributed.initialize() first (run the same command on "
-                      "every host)")
+  p.add_argument("--workdir", help="where checkpoints, logs and weights go (required; on "
+                                    "several hosts, a folder they all share)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                  help="show a progress bar")
   p.add_argument("--noprogress", dest="progress", action="store_false",
                  help=argparse.SUPPRESS)  # the absl spelling of --no-progress
+  _add_distributed(p)
 
 
 def _train_run(args, extra) -> int:
-  import jax
-
-  if args.multihost:
-    jax.distributed.initialize()
+  _initialize_distributed(args)
   cfg = _load_config(args, extra)
   if args.show_config:
     print(cfg)
@@ -283,7 +303,8 @@ Trains one GRAIN stage per config, or the whole CPU demo:
 Any config field can be overridden: --config.batch_size=8 --config.max_steps=1000;
 `--config NAME --show_config` lists every field. Running the same command again resumes from
 the workdir's latest checkpoint. On several hosts, run the same command on each with
---multihost; batches are split over all devices of all hosts.
+--multihost (or --coordinator_address, --num_processes, --process_id); batches are split over
+all devices of all hosts, and the training is that of one process with all those devices.
 """
 
 
@@ -417,8 +438,33 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], subcommands: bool) ->
       raise
     lines = str(e).strip().splitlines() or [type(e).__name__]
     more = " (GRAIN_JAX_DEBUG=1 shows more)" if len(lines) > 1 else ""
+    if _lost_peer(e):
+      lines[0] = f"another process of the job stopped; see its log ({lines[0]})"
     print(f"{prog}: error: {lines[0]}{more}", file=sys.stderr)
+    _end_job_if_multiprocess()
     return EXIT_ERROR
+
+
+def _lost_peer(e: BaseException) -> bool:
+  """Whether `e` is a collective that failed because another process of the job is gone."""
+  jax = sys.modules.get("jax")
+  if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
+    return False
+  text = str(e)
+  return type(e).__name__.endswith("RuntimeError") and any(
+      k in text for k in ("Gloo", "Connection closed by peer", "coordination service",
+                          "heartbeat"))
+
+
+def _end_job_if_multiprocess() -> None:
+  """In a multi-process job, leaves at once: a graceful exit would wait for the other
+  processes at the shutdown barrier while they wait for this one in their next collective.
+  The distributed runtime sees this process gone and ends the others."""
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_ERROR)
 
 
 def main(argv: list[str] | None = None, prog: str = "grain-jax", commands=None,

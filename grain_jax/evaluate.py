@@ -13,7 +13,9 @@ Each image is center-cropped to a square and resized to the model's HR size if n
   bicubic                       the plain baseline: bicubic down to an 8-bit LR, bicubic up
 Batches are split across all local devices by a jitted step on a ("data",) mesh; the last
 batch is padded and the padding dropped. Files are read, decoded and written by background
-threads while the devices compute, and the step compiles once.
+threads while the devices compute, and the step compiles once. In a multi-process run
+(grain_jax.distributed) each process evaluates a contiguous share of the images on its own
+devices; every process then holds all rows, and process 0 writes the results.
 """
 from __future__ import annotations
 
@@ -178,9 +180,9 @@ class _PngNames:
     return out
 
 
-def _run(ev: Evaluator, source, n: int, workers: int, report, on_batch, bar) -> None:
-  """Feeds the first n items of `source` to `ev` in batches; on_batch(host_outputs, names)
-  for each, in order, while the next batch computes."""
+def _run(ev: Evaluator, source, indices, workers: int, report, on_batch, bar) -> None:
+  """Feeds the items `indices` of `source` to `ev` in batches; on_batch(host_outputs, names,
+  indices) for each, in order, while the next batch computes."""
   hr = ev.hr_size
 
   def load(i):
@@ -192,7 +194,7 @@ def _run(ev: Evaluator, source, n: int, workers: int, report, on_batch, bar) -> 
     bar.update(1)
 
   pending = None
-  stream = prefetch.prefetch(load, range(n), workers=workers, depth=2 * ev.batch_size + workers)
+  stream = prefetch.prefetch(load, indices, workers=workers, depth=2 * ev.batch_size + workers)
   for group in prefetch.batches(stream, ev.batch_size, on_error):
     for _, (_, note, shape, name) in group:  # the name too is read in the background (TFDS)
       report.note(name, note)
@@ -201,10 +203,45 @@ def _run(ev: Evaluator, source, n: int, workers: int, report, on_batch, bar) -> 
     # A last partial batch is padded with zeros; on_batch keeps only the named rows.
     outputs = ev(prefetch.pad_batch([res[0] for _, res in group], ev.batch_size))
     if pending:  # `outputs` is dispatched and runs while the previous batch is fetched
-      on_batch(jax.device_get(pending[0]), pending[1])
-    pending = (outputs, [res[3] for _, res in group])
+      on_batch(jax.device_get(pending[0]), *pending[1:])
+    pending = (outputs, [res[3] for _, res in group], [i for i, _ in group])
   if pending:
-    on_batch(jax.device_get(pending[0]), pending[1])
+    on_batch(jax.device_get(pending[0]), *pending[1:])
+
+
+def _share(n: int) -> range:
+  """This process's contiguous part of n items (all of them in a single-process run)."""
+  per = -(-n // jax.process_count())
+  return range(min(n, jax.process_index() * per), min(n, (jax.process_index() + 1) * per))
+
+
+def _gather(ev: Evaluator, source, n: int, mine: dict, report) -> list[dict]:
+  """Every process's rows, in item order, on every process (a multi-process run splits the
+  items over the hosts). Items another host could not read join report.failed."""
+  from jax.experimental import multihost_utils
+
+  per = -(-n // jax.process_count())
+  lo = jax.process_index() * per
+  values = np.zeros((per, len(ev.names)), np.float32)  # the device computed float32
+  valid = np.zeros((per,), np.int32)
+  for i, row in mine.items():
+    values[i - lo] = [row[k] for k in ev.names]
+    valid[i - lo] = 1
+  values, valid, resized = (np.asarray(multihost_utils.process_allgather(a)) for a in
+                            (values, valid, np.int32(report.counts["resized"])))
+  report.counts["resized"] = int(resized.sum())
+  rows = []
+  for p in range(jax.process_count()):
+    for j in range(per):
+      i = p * per + j
+      if i >= n:
+        break
+      if valid[p, j]:
+        rows.append({"file": source.name(i), **dict(zip(ev.names, map(float, values[p, j])))})
+      elif p != jax.process_index():
+        report.failed.append({"file": source.name(i), "error": f"unreadable (see the log of "
+                                                                f"process {p})"})
+  return rows
 
 
 RESULTS = ("metrics.json", "per_image.csv")  # what a run writes besides the image folders
@@ -261,28 +298,35 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
   from tqdm import tqdm
 
   out_dir = check_output(source, out_dir, create=True)
+  main = jax.process_index() == 0  # the one writer of the results of a multi-process run
   for name in RESULTS:
-    if os.path.isfile(os.path.join(out_dir, name)):
+    if main and os.path.isfile(os.path.join(out_dir, name)):
       os.remove(os.path.join(out_dir, name))
   n = len(source) if max_images is None else min(len(source), max_images)
-  bar = tqdm(total=n, unit="img", desc="evaluate", disable=not progress, file=sys.stderr)
+  mine_range = _share(n)
+  bar = tqdm(total=len(mine_range), unit="img", desc="evaluate", disable=not progress,
+             file=sys.stderr)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
-  rows, writes, png_name = [], [], _PngNames()
+  mine, writes, png_name = {}, [], _PngNames()
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as writer:
-    def on_batch(host, names):
-      for j, name in enumerate(names):
-        rows.append({"file": name, **{k: float(host[k][j]) for k in ev.names}})
+    def on_batch(host, names, indices):
+      for j, (name, i) in enumerate(zip(names, indices)):
+        mine[i] = {"file": name, **{k: float(host[k][j]) for k in ev.names}}
         if ev.with_images:
           writes.append(writer.submit(save_images, out_dir, png_name(name),
                                       {k: v[j] for k, v in host.items() if k.startswith("img_")}))
       bar.update(len(names))
 
-    _run(ev, source, n, workers, report, on_batch, bar)
+    _run(ev, source, mine_range, workers, report, on_batch, bar)
     for w in writes:
       w.result()  # a write error (disk full, permissions) is raised, not swallowed
   bar.close()
+  rows = (_gather(ev, source, n, mine, report) if jax.process_count() > 1
+          else [mine[i] for i in sorted(mine)])
   summary = summarize(ev, rows, report, source, time.perf_counter() - t0)
+  if not main:
+    return summary
   # per_image.csv first: metrics.json, the summary, appears only once everything is written.
   with files.atomic_open(os.path.join(out_dir, "per_image.csv"), newline="") as f:
     w = csv.DictWriter(f, ["file"] + ev.names)

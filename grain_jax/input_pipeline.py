@@ -1,7 +1,7 @@
 """Training batches: folders (optionally paired source/target) or TFDS splits -> NHWC batches.
 
 Built on the `grain` data library: a deterministic shuffle from the seed, different in each
-epoch; each host takes every process_count-th example; decoding and cropping run in
+epoch; each host takes its slice of every global batch; decoding and cropping run in
 background threads; the iterator's position (`get_state`/`set_state`, a small JSON dict) is
 saved with each checkpoint so a resumed run sees exactly the batches it would have seen.
 Unreadable examples are skipped, counted (`skipped()`) and named in the log (the first few);
@@ -84,6 +84,29 @@ def crop_pair(x: np.ndarray, y: np.ndarray | None, size: int, cfg_data,
   return crops[0], crops[-1]
 
 
+class _HostShare(MapDataset):
+  """Host `index`'s part of each global batch of `count * per_host` consecutive elements:
+  elements [index * per_host, (index + 1) * per_host) of it. Assembled in process order (as
+  jax.make_array_from_process_local_data does on a mesh of jax.devices()), the hosts' batches
+  form the global batch a single process would read. Only this host's elements are loaded."""
+
+  def __init__(self, parent: MapDataset, index: int, count: int, per_host: int):
+    super().__init__(parent)
+    self._index, self._count, self._per_host = index, count, per_host
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._count
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    batch, j = divmod(k, self._per_host)
+    return self._parent[(batch * self._count + self._index) * self._per_host + j]
+
+  def __str__(self) -> str:
+    return f"_HostShare(index={self._index}, count={self._count}, per_host={self._per_host})"
+
+
 class TrainData:
   """An endless, resumable iterator of dict(x, y) batches for this host."""
 
@@ -122,8 +145,10 @@ class TrainData:
       return {"x": x, "y": y}
 
     ds = MapDataset.range(len(self.source)).shuffle(seed=seed).repeat()
-    ds = ds[process_index::process_count]
+    # Crops and flips are drawn from the example's global position, then each host takes
+    # its part of every global batch: N hosts read exactly the batches one process reads.
     ds = ds.random_map(load, seed=seed + 1)
+    ds = _HostShare(ds, process_index, process_count, batch_size)
     it_ds = ds.to_iter_dataset(ReadOptions(num_threads=max(1, int(cfg_data.workers)),
                                                  prefetch_buffer_size=4 * batch_size + 8))
     it_ds = it_ds.filter(lambda ex: ex is not None).batch(batch_size, drop_remainder=True)
@@ -140,6 +165,11 @@ class TrainData:
 
   def __next__(self) -> dict:
     return next(self._it)
+
+  @property
+  def iterator(self):
+    """The grain iterator (what grain.checkpoint saves: one position file per host)."""
+    return self._it
 
   def get_state(self) -> dict:
     return self._it.get_state()

@@ -26,14 +26,15 @@ import os
 import sys
 import time
 
+import grain  # the data-loading library, not this project
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import files, images, networks, optim, resample_start, stages, train_step
+from grain_jax import (distributed, files, images, networks, optim, resample_start, stages,
+                       train_step)
 from grain_jax import weights as weights_lib
 from grain_jax.input_pipeline import TrainData
 from grain_jax.model import (GRAIN, init_variables, model_variables, per_network_variables,
@@ -80,7 +81,8 @@ def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
       raise ConfigMismatchError(
           f"{workdir} holds a run with another config ({fields}); resuming it would mix runs: "
           f"use a new --workdir, or the checkpoint's values")
-  files.write_json(path, new)
+  if jax.process_index() == 0:  # one writer; every host compared above
+    files.write_json(path, new)
 
 
 # ------------------------------------------------------------------------------ weights
@@ -201,7 +203,7 @@ def initial_variables(cfg, placeholders: bool = False) -> tuple[dict, dict, dict
 def export_weights(path: str, cfg, state: train_step.TrainState, loss_vars: dict,
                    origin: dict) -> None:
   """The state's networks as a converted-weights directory (grain_jax.load reads it)."""
-  host = lambda t: jax.tree_util.tree_map(np.asarray, jax.device_get(t))
+  host = distributed.host_copy
   tree = per_network_variables(host(train_step.variables_of(state)))
   d = {"params": host(optim.model_params(state.d_params))}
   if d["params"]:  # no discriminator when the adversarial loss is off
@@ -232,7 +234,7 @@ def image_grid(y, out: dict, lr_size: int) -> np.ndarray:
 class _Reporter:
   """Training losses to train_metrics.jsonl, TensorBoard and the log; preview image grids."""
 
-  def __init__(self, cfg, workdir: str, model: GRAIN, first_step: int):
+  def __init__(self, cfg, workdir: str, model: GRAIN, first_step: int, mesh: Mesh):
     from tensorboardX import SummaryWriter
 
     self.cfg, self.workdir, self.model = cfg, workdir, model
@@ -244,7 +246,9 @@ class _Reporter:
     if self.main and os.path.exists(self.path):
       self._truncate_log(first_step)
     stage = stages.get(cfg.stage)
-    self._preview = jax.jit(lambda v, x, noise: train_step.forward(model, v, x, *noise, stage))
+    # Every process runs the preview (a jitted program over all devices); the first writes it.
+    self._preview = jax.jit(lambda v, x, noise: train_step.forward(model, v, x, *noise, stage),
+                            out_shardings=NamedSharding(mesh, P()))
     self._t0, self._steps = time.perf_counter(), 0
 
   def _truncate_log(self, first_step: int) -> None:
@@ -268,7 +272,7 @@ class _Reporter:
     self._steps += 1
 
   def losses(self, step: int, metrics, skipped: int) -> dict:
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m = {k: float(v) for k, v in distributed.host_copy(metrics).items()}
     m.pop("nonfinite_run", None)  # the guard's bookkeeping (nonfinite: this step skipped)
     sec = (time.perf_counter() - self._t0) / max(self._steps, 1)
     self._t0, self._steps = time.perf_counter(), 0
@@ -288,12 +292,14 @@ class _Reporter:
     return m
 
   def preview(self, step: int, state, host_batch) -> None:
+    # The first example of the first host's batch, the same on every host.
+    x = distributed.broadcast_from_first(np.asarray(host_batch["x"][:1]))
+    y = distributed.broadcast_from_first(np.asarray(host_batch["y"][:1]))
+    noise = train_step.batch_noise(jax.random.key(0), 1, self.model, None)
+    out = distributed.host_copy(self._preview(train_step.variables_of(state), x, noise))
     if not self.writer:
       return
-    x = jnp.asarray(host_batch["x"][:1])
-    noise = train_step.batch_noise(jax.random.key(0), 1, self.model, None)
-    out = self._preview(train_step.variables_of(state), x, noise)  # stays on device
-    grid = image_grid(host_batch["y"][:1], out, self.model.lr_size)
+    grid = image_grid(y, out, self.model.lr_size)
     self.writer.add_image("train/images", grid, step, dataformats="HWC")
     images.write_png(os.path.join(self.workdir, "images", f"{step:07d}.png"), grid)
 
@@ -311,7 +317,7 @@ class _Reporter:
 class _Validation:
   """Held-out evaluation of the stage's output; exports the best weights by its PSNR."""
 
-  def __init__(self, cfg, workdir: str, model: GRAIN, variables, lpips_params, devices: int):
+  def __init__(self, cfg, workdir: str, model: GRAIN, variables, lpips_params):
     from grain_jax import datasets, evaluate
 
     self.cfg, self.workdir = cfg, workdir
@@ -319,7 +325,9 @@ class _Validation:
     evaluate.check_output(self.source, os.path.join(workdir, "eval"))  # before training
     if lpips_params is None:
       lpips_params = evaluate.lpips_variables("auto")
-    self.evaluator = evaluate.Evaluator(model, variables, devices, lpips_params)
+    # Each host evaluates its share of the images on its own devices (evaluate.evaluate).
+    self.evaluator = evaluate.Evaluator(model, variables, None,
+                                        distributed.host_copy(lpips_params))
     self.metric = f"{stages.get(cfg.stage).output}_psnr"
     self.best_path = os.path.join(workdir, "best", "score.json")
     self.best = -np.inf
@@ -330,16 +338,20 @@ class _Validation:
   def __call__(self, step: int, state, export) -> dict:
     from grain_jax import evaluate
 
-    self.evaluator.set_variables(train_step.variables_of(state))
+    # The evaluator runs on each host's devices, on a host copy of the replicated weights.
+    self.evaluator.set_variables(distributed.host_copy(train_step.variables_of(state)))
     m = evaluate.evaluate(self.evaluator, self.source, os.path.join(self.workdir, "eval"),
                           max_images=self.cfg.data.eval_max_images, progress=False)
-    files.write_json(os.path.join(self.workdir, "metrics.json"),
-                     dict(m, step=step, stage=self.cfg.stage))
-    score = m[self.metric]
+    main = jax.process_index() == 0
+    if main:
+      files.write_json(os.path.join(self.workdir, "metrics.json"),
+                       dict(m, step=step, stage=self.cfg.stage))
+    score = m[self.metric]  # every host has every image's metrics: they all decide alike
     if score is not None and score > self.best:
       self.best = score
-      export(os.path.join(self.workdir, "best"))
-      files.write_json(self.best_path, {"score": score, "metric": self.metric, "step": step})
+      if main:
+        export(os.path.join(self.workdir, "best"))
+        files.write_json(self.best_path, {"score": score, "metric": self.metric, "step": step})
     return m
 
 
@@ -362,7 +374,10 @@ class _Checkpoints:
     self.mgr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        # host_data: every host's data position (grain writes one file per process);
+        # data: the single position that checkpoints of earlier versions hold.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "host_data": grain.checkpoint.CheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
     self.resuming = self.mgr.latest_step() is not None
     self.last_saved = self.mgr.latest_step()
@@ -376,12 +391,19 @@ class _Checkpoints:
     steps = sorted(self.mgr.all_steps(), reverse=True)
     failures = []
     weights_lib.silence_failed_restore_noise()
+    if steps:
+      self._check_process_count(steps[0])
     for step in steps:
       try:
         target = self._target(step, state)
-        restored = self.mgr.restore(step, args=args.Composite(
-            state=args.StandardRestore(target), data=args.JsonRestore()))
-        data.set_state(restored["data"])
+        if os.path.isdir(os.path.join(self.directory, str(step), "host_data")):
+          restored = self.mgr.restore(step, args=args.Composite(
+              state=args.StandardRestore(target),
+              host_data=grain.checkpoint.CheckpointRestore(data.iterator)))
+        else:
+          restored = self.mgr.restore(step, args=args.Composite(
+              state=args.StandardRestore(target), data=args.JsonRestore()))
+          data.set_state(restored["data"])
         found = restored["state"]
         if isinstance(target, dict):
           found = state.replace(**found)
@@ -400,6 +422,16 @@ class _Checkpoints:
         f"no checkpoint in {self.directory} can be restored (steps "
         f"{', '.join(str(f) for f, _ in failures)}; latest: {failures[0][1]}); move the "
         f"checkpoints/ folder away to start over")
+
+  def _check_process_count(self, step: int) -> None:
+    """Each host resumes from its own data position: the process count must not change."""
+    folder = os.path.join(self.directory, str(step), "host_data")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    counts = {n.rsplit("-of-", 1)[1].split(".")[0] for n in names if "-of-" in n}
+    if counts and counts != {str(jax.process_count())}:
+      raise CheckpointError(
+          f"{self.directory} was written by {'/'.join(sorted(counts))} processes; resume it "
+          f"with that many (this run has {jax.process_count()}), or start a new --workdir")
 
   def _target(self, step: int, state):
     """What to restore step `step` into: `state`, or for a checkpoint made before the
@@ -430,8 +462,9 @@ class _Checkpoints:
 
   def save(self, step: int, state, data: TrainData) -> None:
     args = self.ocp.args
-    self.mgr.save(step, args=args.Composite(state=args.StandardSave(state),
-                                            data=args.JsonSave(data.get_state())))
+    self.mgr.save(step, args=args.Composite(
+        state=args.StandardSave(state),
+        host_data=grain.checkpoint.CheckpointSave(data.iterator)))
     self.last_saved = step
 
   def describe_last(self) -> str:
@@ -462,11 +495,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   raises TrainingDiverged after cfg.max_nonfinite_steps skipped steps in a row.
   """
   workdir = files.check_writable(workdir, "workdir")
+  distributed.check_shared_folder(workdir)
   # One writer per workdir: the first process (the others of a multi-host run write only
-  # their checkpoint shards, which Orbax coordinates).
-  lock = files.WorkdirLock(workdir, "training run") if jax.process_index() == 0 else None
-  if lock:
-    lock.acquire()
+  # their checkpoint shards and data positions, which Orbax coordinates).
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = files.WorkdirLock(workdir, "training run").acquire()
+    except RuntimeError as e:
+      refused = e
+  if refused and not distributed.multiprocess():
+    raise refused
+  distributed.agree(refused is None, str(refused or f"{workdir} is in use by another run"))
   try:
     return _train(cfg, workdir, progress)
   finally:
@@ -500,9 +540,9 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
   first = int(state.step)
   if ckpts.resuming:
     log.info("resumed %s at step %d", workdir, first)
-  report = _Reporter(cfg, workdir, training.model, first)
-  validate = (_Validation(cfg, workdir, training.model, variables, loss_vars.get("lpips"),
-                          mesh.size) if cfg.data.eval else None)
+  report = _Reporter(cfg, workdir, training.model, first, mesh)
+  validate = (_Validation(cfg, workdir, training.model, variables, loss_vars.get("lpips"))
+              if cfg.data.eval else None)
   del variables, d_variables
   export = lambda path: export_weights(path, cfg, state, loss_vars, origin)
   # Belt and braces for the guard: a state that is not finite (e.g. NaN initial weights)
@@ -518,7 +558,7 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
   pending = None
 
   def check(step: int, run) -> None:
-    run = int(run)
+    run = int(distributed.host_copy(run))
     if run == 1:
       log.warning("step %d skipped: non-finite loss or update", step)
     if run >= cfg.max_nonfinite_steps > 0:
@@ -543,7 +583,7 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
       if _due(step, cfg.checkpoint_every, cfg.max_steps):
         check(*pending)  # a run that just diverged stops before saving
         pending = None
-        if not bool(state_finite(state)):
+        if not bool(distributed.host_copy(state_finite(state))):
           log.warning("step %d: not saved, the state holds non-finite values", step)
         else:
           ckpts.save(step, state, data)

@@ -73,8 +73,6 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
   is not a weights directory is never replaced (see check_target). Temp folders left by a
   killed writer are removed first.
   """
-  import orbax.checkpoint as ocp
-
   directory = os.path.abspath(directory)
   _recover_interrupted_replace(os.path.dirname(directory))
   directory = check_target(directory, force)
@@ -84,7 +82,7 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
   trash = None
   try:
     tree = jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _checkpointer()
     ckptr.save(os.path.join(tmp, "variables"), tree)
     ckptr.wait_until_finished()
     # compute_dtype and remat are choices of how to run, not part of the weights.
@@ -117,6 +115,17 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
     if trash and os.path.exists(directory):  # else it holds the only copy: left for the user
       shutil.rmtree(trash, ignore_errors=True)
   return directory
+
+
+def _checkpointer():
+  """An Orbax checkpointer of this process alone: weights are host arrays that one process
+  writes (process 0 of a multi-process training) or each process reads by itself, with no
+  barrier that would wait for the others."""
+  import orbax.checkpoint as ocp
+
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
 
 
 def _recover_interrupted_replace(parent: str) -> None:
@@ -152,13 +161,11 @@ def load_weights(directory: str) -> tuple[dict, ml_collections.ConfigDict, dict]
   Raises WeightsError for a directory that cannot be restored (missing or damaged files) and
   for weights holding NaN or infinity (naming the network and the parameter).
   """
-  import orbax.checkpoint as ocp
-
   meta = read_meta(directory)
   path = os.path.join(os.path.abspath(directory), "variables")
   silence_failed_restore_noise()
   try:
-    tree = ocp.StandardCheckpointer().restore(path)
+    tree = _checkpointer().restore(path)
   except Exception as e:
     raise WeightsError(f"{path}: cannot restore the weights ({restore_error(e)})") from None
   if meta["format"] == FORMAT_1:

@@ -47,5 +47,6 @@ def tiny_training(stage="invrrdb", **overrides):
   return c
 
 
-def get_config():
-  return tiny_training()
+def get_config(stage="invrrdb"):
+  """`--config tests/tiny_config.py` (stage 1) or `tests/tiny_config.py:finetune` etc."""
+  return tiny_training(stage)

@@ -1,0 +1,189 @@
+"""Several processes in one job, on this machine: 2 processes x 2 CPU devices (gloo
+collectives, a coordinator on localhost) against 1 process x 4 devices, through the
+`grain-jax` command as a cluster user runs it. Stage 1 (patch discriminator, synchronised
+BatchNorm) stopped after a checkpoint and resumed, with validation; stage 4 (StyleGAN2
+discriminator, R1); evaluate; a process that fails ends the job."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from conftest import ROOT, xla_flags
+
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+TIMEOUT = 600
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
+
+
+def grain_jax(args, processes=1, devices=4, per_process=None):
+  """Runs `python -m grain_jax ARGS` as `processes` processes of one job (each with
+  `devices` CPU devices; per_process(i) adds arguments); returns their CompletedProcesses."""
+  base = [sys.executable, "-m", "grain_jax", *args]
+  if processes == 1:
+    return [subprocess.run(base, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
+                           timeout=TIMEOUT)]
+  port = _port()
+  procs = [subprocess.Popen(base + ["--coordinator_address", f"127.0.0.1:{port}",
+                                    "--num_processes", str(processes), "--process_id", str(i),
+                                    *(per_process(i) if per_process else [])],
+                            cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  done = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=TIMEOUT)
+      done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+  finally:
+    for p in procs:
+      p.kill()
+  return done
+
+
+def _ok(results):
+  for r in results:
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _weights(workdir):
+  import jax
+  from grain_jax import weights
+  tree, _, meta = weights.load_weights(os.path.join(workdir, "weights"))
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}, meta
+
+
+def _max_rel_diff(a, b):
+  assert a.keys() == b.keys()
+  return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-6)) for k in a)
+
+
+def _log(workdir):
+  with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mp_data")
+  (root / "train").mkdir()
+  (root / "held").mkdir()
+  for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"):
+    img = Image.fromarray(getattr(skimage.data, name)())
+    img.resize((img.width // 6, img.height // 6), Image.BICUBIC).save(root / "train" /
+                                                                      f"{name}.png")
+    Image.fromarray(getattr(skimage.data, name)()[100:164, 200:264]).save(root / "held" /
+                                                                          f"{name}.png")
+  return root
+
+
+def _train(workdir, data, *extra, **launch):
+  return grain_jax(["train", "--config", TINY, "--workdir", str(workdir), "--noprogress",
+                    f"--config.data.train={data / 'train'}", "--config.data.crop=random",
+                    "--config.data.random_scale=(0.5,1.0)", "--config.data.hflip=True",
+                    "--config.batch_size=4", *extra], **launch)
+
+
+def test_stage1_two_processes_stopped_and_resumed_train_like_one(data, tmp_path):
+  """Random crops, flips, quantizer noise, BatchNorm statistics, the relativistic batch mean
+  and the data position of each host: 2 x 2 devices, stopped after the step-2 checkpoint
+  and resumed, end where 1 x 4 devices end; validation and evaluate agree too."""
+  val = ["--config.checkpoint_every=2", f"--config.data.eval={data / 'held'}",
+         "--config.eval_every=2"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  _ok(_train(one, data, *val, "--config.max_steps=4"))
+  _ok(_train(two, data, *val, "--config.max_steps=2", processes=2, devices=2))
+  assert sorted(os.listdir(two / "checkpoints" / "2" / "host_data")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  rerun = _train(two, data, *val, "--config.max_steps=4", processes=2, devices=2)
+  _ok(rerun)
+  assert "resumed" in rerun[0].stderr and "step 3:" in rerun[0].stderr
+  assert "step 3:" not in rerun[1].stderr  # process 0 alone reports
+
+  a, meta = _weights(two)
+  b, _ = _weights(one)
+  assert meta["sources"]["trained_steps"] == 4
+  assert _max_rel_diff(a, b) < 2e-5
+  for r, s in zip(_log(two), _log(one), strict=True):
+    assert r["step"] == s["step"] and abs(r["loss"] - s["loss"]) <= 1e-5 * abs(s["loss"])
+  m2, m1 = (json.loads((w / "metrics.json").read_text()) for w in (two, one))
+  assert m2["num_images"] == m1["num_images"] == 5
+  for k in ("hr_inv_psnr", "hr_inv_ssim", "bicubic_psnr"):
+    assert abs(m2[k] - m1[k]) < 1e-4, k
+  assert (two / "best" / "score.json").exists()
+
+  # evaluate with the same launch options: one metrics.json, equal to a single process's.
+  ev = lambda out, **launch: grain_jax(
+      ["evaluate", "--checkpoint", str(one), "--data", str(data / "held"), "--out", str(out),
+       "--lpips", "off"], **launch)
+  _ok(ev(tmp_path / "e1", devices=1))
+  _ok(ev(tmp_path / "e2", processes=2, devices=2))
+  e1, e2 = (json.loads((tmp_path / e / "metrics.json").read_text()) for e in ("e1", "e2"))
+  assert e2["num_images"] == e1["num_images"] == 5 and e2["num_failed"] == 0
+  for k in ("hr_psnr", "hr_ssim", "hr_inv_psnr", "hr_gan_psnr", "bicubic_psnr", "lr_psnr"):
+    assert abs(e2[k] - e1[k]) < 1e-4, k
+  rows = [list(csv.DictReader(open(tmp_path / e / "per_image.csv"))) for e in ("e1", "e2")]
+  assert [r["file"] for r in rows[1]] == [r["file"] for r in rows[0]]
+
+
+def test_stage4_two_processes_train_like_one(data, tmp_path):
+  """The StyleGAN2 discriminator with lazy R1 (minibatch-stddev groups within a device)."""
+  extra = ["--config.checkpoint_every=3", "--config.max_steps=3",
+           "--config.model.discriminator.stddev_group=1"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  results_one = grain_jax(["train", "--config", f"{TINY}:finetune", "--workdir", str(one),
+                           "--noprogress", f"--config.data.train={data / 'train'}",
+                           "--config.batch_size=4", *extra])
+  _ok(results_one)
+  results_two = grain_jax(["train", "--config", f"{TINY}:finetune", "--workdir", str(two),
+                           "--noprogress", f"--config.data.train={data / 'train'}",
+                           "--config.batch_size=4", *extra], processes=2, devices=2)
+  _ok(results_two)
+  a, meta = _weights(two)
+  b, _ = _weights(one)
+  assert meta["sources"]["stage"] == "finetune" and "discriminator" in meta["networks"]
+  assert _max_rel_diff(a, b) < 2e-5
+  log1, log2 = _log(one), _log(two)
+  assert log1[0]["r1"] > 0 and abs(log2[0]["r1"] - log1[0]["r1"]) <= 1e-4 * log1[0]["r1"]
+
+
+def test_a_failing_process_ends_the_job(data, tmp_path):
+  """Process 1 finds no training data: it says so and leaves; the runtime ends process 0
+  instead of letting it wait for process 1 forever."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  res = grain_jax(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), "--noprogress",
+                   "--heartbeat_timeout=10", "--config.batch_size=4"], processes=2, devices=2,
+                  per_process=lambda i: [f"--config.data.train={data / 'train' if i == 0 else empty}"])
+  assert res[1].returncode == 2 and f"no training images in {empty}" in res[1].stderr
+  # Process 0 learns it in its next collective, or from the runtime's heartbeat check.
+  assert res[0].returncode != 0
+  assert any(k in res[0].stderr for k in ("another process of the job stopped",
+                                          "another task died")), res[0].stderr[-2000:]
+
+
+def test_a_workdir_the_hosts_do_not_share_is_refused(data, tmp_path):
+  """As if each host had its own disk: every process gets its own folder for --workdir."""
+  res = grain_jax(["train", "--config", TINY, "--noprogress", "--config.batch_size=4",
+                   f"--config.data.train={data / 'train'}"], processes=2, devices=2,
+                  per_process=lambda i: ["--workdir", str(tmp_path / f"disk{i}" / "w")])
+  for r in res:
+    assert r.returncode == 2 and "is not one folder shared by all hosts" in r.stderr, r.stderr
+    assert "(on process 1)" in r.stderr
+  assert os.listdir(tmp_path / "disk0" / "w") == []  # nothing written, not even the marker

@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax import discriminators, fea2code, fusion, invrrdb, irse50, lpips, stylegan2
+from grain_jax import (discriminators, fea2code, fusion, inception, invrrdb, irse50, lpips,
+                       stylegan2)
 from grain_jax.torch_import import CheckpointError, TorchReader, check_tree, load_torch_file
 
 MODEL_NETWORKS = ("rescaler", "fea2code", "generator", "fusion")
@@ -170,6 +171,10 @@ NETWORKS = {n.name: n for n in (
             "LIN.pth,ALEXNET.pth (lpips weights/v0.1/alex.pth, torchvision alexnet)",
             lambda c: lpips.LPIPS(), lambda c: (_images(64), _images(64)), _lpips_files,
             lpips.from_torch),
+    Network("inception", "inception",
+            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID/KID metrics; evaluation)",
+            lambda c: inception.FIDInceptionV3(), lambda c: (_images(299),), _state_dict_file,
+            lambda reader, module: inception.from_torch(reader)),
 )}
 
 

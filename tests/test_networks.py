@@ -21,6 +21,11 @@ def _patch_discriminator_state_dict():
   return _torch_state(_torch_patch_d((64, 128, 256, 512), seed=4))
 
 
+def _pt_inception_state_dict():
+  from test_inception import pt_inception_state_dict
+  return {k: v.numpy() for k, v in pt_inception_state_dict().items()}
+
+
 # network -> (model config, how to get a valid state dict of that layout)
 CASES = {
     "rescaler": (_config, lambda ckpt: networks.get("rescaler").read(ckpt("grain_invrrdb"))[0]),
@@ -33,6 +38,7 @@ CASES = {
     "patch_discriminator": (_config, lambda ckpt: _patch_discriminator_state_dict()),
     "irse50": (_config, lambda ckpt: networks.get("irse50").read(ckpt("irse50_112"))[0]),
     "lpips": (_config, lambda ckpt: lpips.builtin_state_dict()),
+    "inception": (_config, lambda ckpt: _pt_inception_state_dict()),
 }
 
 

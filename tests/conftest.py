@@ -17,6 +17,23 @@ def convert_cli(out, *args):
                          *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
+def import_torchvision():
+  """Imports torchvision (for pytorch-fid's and torch-fidelity's pure-Python InceptionV3)
+  built for another torch than this machine's: its compiled operators cannot load, so their
+  meta registrations (torch.library.register_fake) are skipped during the import."""
+  import torch
+
+  if "torchvision" in sys.modules:
+    return sys.modules["torchvision"]
+  real = torch.library.register_fake
+  torch.library.register_fake = lambda *a, **k: (lambda fn: fn)
+  try:
+    import torchvision
+  finally:
+    torch.library.register_fake = real
+  return torchvision
+
+
 def _make_ckpt_module():
   spec = importlib.util.spec_from_file_location("make_ckpt", os.path.join(DATA, "make_ckpt.py"))
   mod = importlib.util.module_from_spec(spec)

@@ -2,8 +2,11 @@
 real layout; nothing is downloaded), and the Frechet distance against pytorch-fid's."""
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
+from conftest import import_torchvision
+
+import_torchvision()  # before pytorch_fid / torch_fidelity import it
 
 
 def pt_inception_state_dict():

@@ -179,7 +179,7 @@ def test_pickled_code_is_refused(tmp_path):
 def test_resample_start_is_box_down_nearest_up():
   """init.resample_start: a fresh rescaler that downscales by area averaging and
   upscales by pixel repetition, with every dense block's residual branch at zero."""
-  from tests.tiny_config import tiny_model
+  from tiny_config import tiny_model
   model = invrrdb.InvRRDB.from_config(tiny_model())  # 32 <-> 4
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   p = resample_start.rescaler_start(params)
@@ -199,7 +199,7 @@ def test_resample_start_is_box_down_nearest_up():
 
 def test_fusion_resample_start_passes_the_decoder_image_through():
   from grain_jax.fusion import Fusion
-  from tests.tiny_config import tiny_model
+  from tiny_config import tiny_model
   model = Fusion.from_config(tiny_model())
   rng = np.random.default_rng(0)
   dec = [jnp.asarray(rng.uniform(0, 2, (2, s, s, 8)), jnp.float32) for s in (8, 16, 32)]

@@ -7,7 +7,7 @@ import pytest
 from grain_jax import losses, stages
 from grain_jax.model import GRAIN, init_variables
 from grain_jax.train_step import forward
-from tests.tiny_config import tiny_model
+from tiny_config import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -57,22 +57,15 @@ def write_json(path: str, obj, **kwargs) -> None:
 
 
 def check_writable(directory: str, what: str = "output folder") -> str:
-  """Creates `directory` if needed and proves a file can be written in it, before any work;
-  raises PermissionError naming it otherwise. Returns the absolute path."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise NotADirectoryError(f"{what} {directory} is a file, not a folder")
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryFile(dir=directory):
-      pass
-  except OSError as e:
-    raise PermissionError(f"{what} {directory} is not writable ({e.strerror or e})") from None
+  """check_can_create, then creates `directory`: proves before any work that results can be
+  written there; raises naming it otherwise. Returns the absolute path."""
+  directory = check_can_create(directory, what)
+  os.makedirs(directory, exist_ok=True)
   return directory
 
 
 def check_can_create(directory: str, what: str = "output folder") -> str:
-  """Like check_writable, but creates nothing: `directory` must be a writable folder, or be
+  """Creates nothing: `directory` must be a writable folder, or be
   creatable in its nearest existing parent (a writable folder). A command that then fails
   for another reason leaves no empty folder behind. Returns the absolute path."""
   directory = os.path.abspath(directory)

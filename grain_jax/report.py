@@ -1,0 +1,403 @@
+"""The HTML report of an evaluation run: OUT/index.html, and the thumbnails it shows.
+
+`write_report` writes one self-contained page (inline CSS, JS and SVG; no external resource,
+no fetch(), which file:// blocks) from metrics.json's content and the per-image rows: the
+means, a per-image PSNR plot against bicubic, and a sortable, paginated table of every image
+with its thumbnails (OUT/thumbs/<folder>/<stem>.jpg, written by `write_thumbnail`) linking to
+the full-size PNGs. Every link is relative, so the folder can be moved or served as it is.
+The rows travel as inline JSON and are rendered a page at a time, so a 5000-image report does
+not build 30000 <img> elements at once.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import posixpath
+import string
+import urllib.parse
+
+import numpy as np
+from PIL import Image
+
+from grain_jax import files
+
+COLUMNS = (("lr", "lr", "LR (nearest)"), ("bicubic", "bicubic", "bicubic"),
+           ("hr_inv", "invrrdb", "hr_inv (InvRRDB)"), ("hr_gan", "stylegan", "hr_gan (StyleGAN2)"),
+           ("hr", "fusion", "hr (GRAIN)"), ("gt", "gt", "ground truth"))
+# (image key, folder under OUT, column label), in panel order.
+
+THUMB_SIZE = 128
+KINDS = ("hr", "hr_inv", "hr_gan", "bicubic")  # the judged outputs, in the means table's order
+METRICS = ("psnr", "ssim", "lpips", "id", "fid", "kid")
+DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "id": 4, "fid": 2, "kid": 4, "gain": 2}
+PAGE_SIZE = 100
+
+
+def thumbnail(u8: np.ndarray, size: int = THUMB_SIZE) -> np.ndarray:
+  """HxWx3 uint8 -> size x size uint8 thumbnail: nearest neighbour when enlarging (an LR of
+  16 px stays visibly pixelated, small 64-px outputs are not blurred), antialiased (PIL
+  LANCZOS) when shrinking, unchanged when equal. Input images are square."""
+  u8 = np.asarray(u8, np.uint8)
+  if u8.shape[:2] == (size, size) and u8.ndim == 3 and u8.shape[2] == 3:
+    return u8
+  img = Image.fromarray(u8).convert("RGB")
+  if img.width < size:
+    img = img.resize((size, size), Image.NEAREST)
+  else:  # reducing_gap: a box reduce first, then Lanczos (fast on 1024 px, same look)
+    img = img.resize((size, size), Image.LANCZOS, reducing_gap=3.0)
+  return np.asarray(img)
+
+
+def thumbnail_path(column_folder: str, png_name: str) -> str:
+  """Relative path (posix, relative to OUT) of a thumbnail: 'thumbs/<folder>/<stem>.jpg'."""
+  stem = posixpath.splitext(png_name.replace(os.sep, "/"))[0]
+  return posixpath.join("thumbs", column_folder, stem + ".jpg")
+
+
+def write_thumbnail(out_dir: str, column_folder: str, png_name: str, u8: np.ndarray) -> None:
+  """Writes thumbnail(u8) as JPEG quality 90 at out_dir/thumbnail_path(...), creating folders."""
+  path = os.path.join(out_dir, *thumbnail_path(column_folder, png_name).split("/"))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(thumbnail(u8)).save(path, format="JPEG", quality=90)
+
+
+def _num(v) -> float | None:
+  """A finite float, or None (NaN, infinity, None, not a number)."""
+  try:
+    v = float(v)
+  except (TypeError, ValueError):
+    return None
+  return v if math.isfinite(v) else None
+
+
+def _fmt(v, metric: str) -> str:
+  """A summary value: None -> 'n/a' (no finite value), else fixed decimals for the metric."""
+  return "n/a" if _num(v) is None else f"{float(v):.{DIGITS.get(metric, 4)}f}"
+
+
+def _metric_keys(rows: list[dict]) -> list[str]:
+  """The per-image metric keys present in any row: outputs x metrics, LR, then the others."""
+  present = {k for r in rows for k, v in r.items()
+             if k != "file" and isinstance(v, (int, float, np.number))}
+  known = [f"{k}_{m}" for k in KINDS for m in METRICS] + ["lr_psnr", "lr_ssim"]
+  return [k for k in known if k in present] + sorted(present - set(known))
+
+
+def _metric_label(key: str) -> str:
+  kind, _, metric = key.rpartition("_")
+  return f"{'LR' if kind == 'lr' else kind} {metric.upper()}" if metric in METRICS else key
+
+
+def _url(*parts: str) -> str:
+  """A relative URL (posix, percent-quoted so spaces, '#' and '%' in names work)."""
+  return urllib.parse.quote(posixpath.join(*(p.replace(os.sep, "/") for p in parts)))
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+  """Round tick values inside [lo, hi], about n of them."""
+  step = 10 ** math.floor(math.log10((hi - lo) / n))
+  step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+  first = math.ceil(lo / step) * step
+  return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _axes(w, h, m, xt, yt, sx, sy, xlabel, ylabel) -> list[str]:
+  """SVG axes frame, tick marks with values and axis labels (m = left, top, right, bottom)."""
+  out = [(f'<rect x="{m[0]}" y="{m[1]}" width="{w - m[0] - m[2]}" height="{h - m[1] - m[3]}" '
+          'fill="none" stroke="#888"/>')]
+  for t in xt:
+    out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{h - m[3]}" y2="{h - m[3] + 4}" '
+               f'stroke="#888"/><text x="{sx(t):.1f}" y="{h - m[3] + 15}" '
+               f'text-anchor="middle">{t:g}</text>')
+  for t in yt:
+    out.append(f'<line x1="{m[0] - 4}" x2="{m[0]}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
+               f'stroke="#888"/><text x="{m[0] - 6}" y="{sy(t) + 4:.1f}" '
+               f'text-anchor="end">{t:g}</text>')
+  out.append(f'<text x="{(m[0] + w - m[2]) / 2}" y="{h - 4}" text-anchor="middle">'
+             f'{html.escape(xlabel)}</text><text transform="translate(12 {(m[1] + h - m[3]) / 2}) '
+             f'rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text>')
+  return out
+
+
+def _plots(rows: list[dict], key: str, label: str) -> str:
+  """Inline SVG: per-image `key` PSNR against bicubic PSNR (with y = x), and a histogram of
+  the gain over bicubic. Images with a non-finite value are left out."""
+  pts = [(x, y, r.get("file", "")) for r in rows
+         if (x := _num(r.get("bicubic_psnr"))) is not None
+         and (y := _num(r.get(f"{key}_psnr"))) is not None]
+  if not pts:
+    return "<p>No image has finite PSNRs for both outputs: no plot.</p>"
+  w, h, m = 380, 380, (50, 10, 10, 40)
+  lo, hi = min(min(p[:2]) for p in pts), max(max(p[:2]) for p in pts)
+  pad = max(0.5, 0.05 * (hi - lo))
+  lo, hi = lo - pad, hi + pad
+  sx = lambda v: m[0] + (v - lo) / (hi - lo) * (w - m[0] - m[2])
+  sy = lambda v: h - m[3] - (v - lo) / (hi - lo) * (h - m[1] - m[3])
+  r = 3 if len(pts) <= 200 else 2
+  svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">']
+  svg += _axes(w, h, m, _ticks(lo, hi), _ticks(lo, hi), sx, sy, "bicubic PSNR (dB)",
+               f"{label} PSNR (dB)")
+  svg.append(f'<line x1="{sx(lo):.1f}" y1="{sy(lo):.1f}" x2="{sx(hi):.1f}" y2="{sy(hi):.1f}" '
+             'stroke="#999" stroke-dasharray="4 3"/>')
+  for x, y, name in pts:  # green above the diagonal (better than bicubic), red below
+    svg.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{r}" fill="'
+               f'{"#1a7f37" if y > x else "#c62828"}" fill-opacity="0.6"><title>'
+               f'{html.escape(str(name))}: bicubic {x:.2f}, {key} {y:.2f} dB</title></circle>')
+  svg.append("</svg>")
+
+  gain = np.array([y - x for x, y, _ in pts])
+  glo, ghi = min(gain.min(), 0.0), max(gain.max(), 0.0)
+  if ghi - glo < 1e-9:
+    glo, ghi = glo - 0.5, ghi + 0.5
+  counts, edges = np.histogram(gain, int(np.clip(np.sqrt(len(gain)), 5, 40)), (glo, ghi))
+  hw, hh, hm = 380, 260, (50, 40, 10, 40)
+  hx = lambda v: hm[0] + (v - glo) / (ghi - glo) * (hw - hm[0] - hm[2])
+  hy = lambda c: hh - hm[3] - c / counts.max() * (hh - hm[1] - hm[3])
+  yt = [t for t in _ticks(0, counts.max() + 1e-9) if t == int(t)] if counts.max() > 1 else [0, 1]
+  hist = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{hw}" height="{hh}" role="img">']
+  hist += _axes(hw, hh, hm, _ticks(glo, ghi), yt, hx, hy, f"{key} PSNR - bicubic PSNR (dB)",
+                "images")
+  for c, a, b in zip(counts, edges[:-1], edges[1:]):
+    if c:
+      hist.append(f'<rect x="{hx(a):.1f}" y="{hy(c):.1f}" width="{max(hx(b) - hx(a) - 1, 1):.1f}" '
+                  f'height="{hy(0) - hy(c):.1f}" fill="#4a74b4"><title>{a:.2f} to {b:.2f} dB: '
+                  f'{c}</title></rect>')
+  above = float(np.mean(gain > 0))
+  hist.append(f'<line x1="{hx(0):.1f}" x2="{hx(0):.1f}" y1="{hm[1]}" y2="{hh - hm[3]}" '
+              f'stroke="#c62828" stroke-width="1.5"/><text x="{hm[0]}" y="16">mean gain '
+              f'{gain.mean():+.2f} dB; {above:.1%} of {len(gain)} images above bicubic</text>'
+              "</svg>")
+  caption = (f"Per-image PSNR of {html.escape(label)} against bicubic ({len(pts)} images with "
+             f"finite values; points above the dashed diagonal beat bicubic), and the histogram "
+             f"of the gain (red line: no gain).")
+  if key != "hr":
+    caption += f" hr was not computed: {html.escape(label)} is shown instead."
+  return (f'<figure>{"".join(svg)}</figure><figure>{"".join(hist)}</figure>'
+          f"<p class=caption>{caption}</p>")
+
+
+def _means(summary: dict, labels: dict) -> str:
+  """The means table (outputs x metrics), the LR line and the skipped metrics."""
+  metrics = [m for m in METRICS if any(f"{k}_{m}" in summary for k in KINDS)]
+  kinds = [k for k in KINDS if any(f"{k}_{m}" in summary for m in METRICS)]
+  out = []
+  if kinds:
+    out.append("<table class=means><tr><th>output</th>"
+               + "".join(f"<th>{m.upper()}</th>" for m in metrics) + "</tr>")
+    for k in kinds:
+      cells = []
+      for m in metrics:
+        absent = f"{k}_{m}" not in summary  # not computed, unlike None: no finite value
+        text = "–" if absent else _fmt(summary[f"{k}_{m}"], m)
+        if m == "kid" and not absent and _num(summary.get(f"{k}_kid_std")) is not None:
+          text += f" ± {_fmt(summary[f'{k}_kid_std'], m)}"
+        cells.append(f"<td class=num>{text}</td>")
+      out.append(f"<tr><th>{html.escape(labels.get(k, k))}</th>{''.join(cells)}</tr>")
+    out.append("</table>")
+  else:
+    out.append("<p>No mean metrics.</p>")
+  lr = [f"{m.upper()} {_fmt(summary[f'lr_{m}'], m)}" for m in ("psnr", "ssim")
+        if f"lr_{m}" in summary]
+  if lr:
+    out.append(f"<p>LR against a bicubic 8-bit downscale: {', '.join(lr)}.</p>")
+  skipped = summary.get("skipped_metrics") or {}
+  if skipped:
+    out.append("<p>Skipped metrics:</p><ul>" + "".join(
+        f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>"
+        for k, v in skipped.items()) + "</ul>")
+  return "".join(out)
+
+
+def _header(out_dir: str, summary: dict) -> str:
+  """The run's description: data, counts, sizes, failures, conventions, result files."""
+  g, esc = summary.get, lambda v: html.escape(str(v))
+  facts = [("data", g("data")), ("images", g("num_images")), ("failed", g("num_failed")),
+           ("with a non-finite metric", g("num_nonfinite")),
+           ("sizes", f"{g('hr_size')} px → {g('lr_size')} px" if g("hr_size") else None),
+           ("seconds", g("seconds"))]
+  out = ["<ul class=facts>"] + [f"<li>{k}: <b>{esc(v)}</b></li>" for k, v in facts
+                                if v not in (None, "")] + ["</ul>"]
+  if g("failed"):
+    out.append(f"<details><summary>{len(g('failed'))} failed files</summary><ul>" + "".join(
+        f"<li>{esc(f.get('file', '?'))}: {esc(f.get('error', ''))}</li>" for f in g("failed"))
+        + "</ul></details>")
+  if g("conventions"):
+    out.append(f"<p class=conv>Conventions: {esc(g('conventions'))}</p>")
+  links = [n for n in ("metrics.json", "per_image.csv") if os.path.isfile(os.path.join(out_dir, n))]
+  if links:
+    out.append("<p>Files: " + ", ".join(f'<a href="{_url(n)}">{n}</a>' for n in links) + "</p>")
+  return "".join(out)
+
+
+def _rows_json(out_dir: str, rows: list[dict], png_names: list[str], columns, keys, plot_key):
+  """The per-image data the page's script renders; '<' escaped so no text ends the script."""
+  data = []
+  for i, (r, png) in enumerate(zip(rows, png_names)):
+    images = {}
+    for key, folder, _ in columns:
+      full = posixpath.join(folder, png.replace(os.sep, "/"))
+      if not os.path.isfile(os.path.join(out_dir, full)):
+        continue  # this image was not written: an empty cell
+      thumb = thumbnail_path(folder, png)
+      thumb = thumb if os.path.isfile(os.path.join(out_dir, thumb)) else full
+      images[key] = {"thumb": urllib.parse.quote(thumb), "full": urllib.parse.quote(full)}
+    metrics = {k: (None if _num(r[k]) is None else round(float(r[k]), 5))
+               for k in keys if k in r}
+    if plot_key:  # the plot's gain over bicubic, to sort by
+      x, y = _num(r.get("bicubic_psnr")), _num(r.get(f"{plot_key}_psnr"))
+      metrics["gain"] = None if None in (x, y) else round(y - x, 5)
+    data.append({"index": i + 1, "file": str(r.get("file", png)), "images": images,
+                 "metrics": metrics})
+  return data
+
+
+def write_report(out_dir: str, summary: dict, rows: list[dict], png_names: list[str],
+                 columns=COLUMNS) -> str:
+  """Writes out_dir/index.html (atomically, via files.atomic_open) and returns its path.
+
+  `summary` is metrics.json's content, `rows` the per-image metrics ({"file": name, metric:
+  value}), `png_names[i]` row i's PNG name in each column folder. Columns whose folder is not
+  in out_dir are left out; so are metrics no row has.
+  """
+  if len(png_names) != len(rows):
+    raise ValueError(f"{len(rows)} rows but {len(png_names)} PNG names")
+  columns = [c for c in columns if os.path.isdir(os.path.join(out_dir, c[1]))]
+  labels = {k: label for k, _, label in COLUMNS} | {k: label for k, _, label in columns}
+  keys = _metric_keys(rows)
+  plot_key = next((k for k in ("hr", "hr_inv") if f"{k}_psnr" in keys), None)
+  if "bicubic_psnr" not in keys:
+    plot_key = None
+  metrics = ([{"key": "gain", "label": f"{plot_key} − bicubic PSNR", "digits": 2}]
+             if plot_key else [])
+  metrics += [{"key": k, "label": _metric_label(k),
+               "digits": DIGITS.get(k.rpartition("_")[2], 4)} for k in keys]
+  data = {"thumb_size": THUMB_SIZE, "page_size": PAGE_SIZE,
+          "columns": [{"key": k, "label": label} for k, _, label in columns],
+          "metrics": metrics,
+          "rows": _rows_json(out_dir, rows, png_names, columns, keys, plot_key)}
+  head = ('<th class=sort data-key="index">#</th><th class=sort data-key="file">file</th>'
+          + "".join(f"<th>{html.escape(label)}</th>" for _, _, label in columns)
+          + "".join(f'<th class=sort data-key="{html.escape(m["key"])}">'
+                    f'{html.escape(m["label"])}</th>' for m in metrics))
+  page = string.Template(_TEMPLATE).substitute(
+      header=_header(out_dir, summary), means=_means(summary, labels),
+      plots=(_plots(rows, plot_key, labels.get(plot_key, plot_key)) if plot_key
+             else "<p>No per-image PSNR of an output and of bicubic: no plot.</p>"),
+      head=head, data=json.dumps(data, ensure_ascii=False, allow_nan=False,
+                                 separators=(",", ":")).replace("<", "\\u003c"))
+  path = os.path.join(out_dir, "index.html")
+  with files.atomic_open(path, "w", encoding="utf-8") as f:
+    f.write(page)
+  return path
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>GRAIN evaluation report</title>
+<style>
+body{font:14px/1.45 system-ui,sans-serif;color:#1d1d1d;background:#fff;margin:1.5em}
+h1{font-size:1.5em;margin:0 0 .4em} h2{font-size:1.15em;margin:1.4em 0 .5em}
+table{border-collapse:collapse} th,td{border:1px solid #d6d6d6;padding:3px 7px}
+th{background:#f1f3f5;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.means td{min-width:5em} ul.facts{padding-left:1.2em;margin:.3em 0}
+.conv,.caption{color:#555;max-width:60em} figure{display:inline-block;margin:0 1em 0 0}
+svg text{font-size:11px;fill:#333}
+#images thead th{position:sticky;top:0;z-index:1} th.sort{cursor:pointer;user-select:none}
+th.asc::after{content:" \\25B2"} th.desc::after{content:" \\25BC"}
+td.img{padding:1px} td.img img{display:block} td.img img.px{image-rendering:pixelated}
+td.file{min-width:8em;max-width:16em;overflow-wrap:anywhere}
+.pager{margin:.6em 0} .pager button{margin:0 2px;min-width:2.2em}
+.pager button.cur{font-weight:bold;background:#1d1d1d;color:#fff}
+</style></head><body>
+<h1>GRAIN evaluation report</h1>
+$header
+<h2>Means</h2>
+$means
+<h2>Per-image PSNR against bicubic</h2>
+$plots
+<h2>Images</h2>
+<noscript><p>The per-image table needs JavaScript. The images are in this folder's column
+folders; the numbers are in per_image.csv.</p></noscript>
+<div class=pager></div>
+<table id=images><thead><tr>$head</tr></thead><tbody id=rows></tbody></table>
+<div class=pager></div>
+<script type="application/json" id="rows-data">$data</script>
+<script>
+(function () {
+  var D = JSON.parse(document.getElementById("rows-data").textContent), rows = D.rows;
+  var st = {key: "index", dir: 1, page: 0, size: D.page_size};
+  var order = rows.map(function (_, i) { return i; });
+  var E = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"};
+  function esc(s) { return String(s).replace(/[&<>"']/g, function (c) { return E[c]; }); }
+  function val(r, k) { return k === "index" || k === "file" ? r[k] : r.metrics[k]; }
+  function sort() {  // missing and NaN (null) values last in both directions
+    order.sort(function (a, b) {
+      var x = val(rows[a], st.key), y = val(rows[b], st.key), nx = x == null, ny = y == null;
+      if (nx || ny) return nx && ny ? a - b : (nx ? 1 : -1);
+      var c = typeof x === "string" ? x.localeCompare(y) : x - y;
+      return c ? c * st.dir : a - b;
+    });
+  }
+  function row(r) {
+    var s = "<tr><td class=num>" + r.index + "</td><td class=file>" + esc(r.file) + "</td>";
+    D.columns.forEach(function (c) {
+      var im = r.images[c.key];
+      s += im ? '<td class=img><a href="' + esc(im.full) + '"><img loading="lazy" alt="" width="'
+        + D.thumb_size + '" height="' + D.thumb_size + '"' + (c.key === "lr" ? ' class="px"' : "")
+        + ' src="' + esc(im.thumb) + '"></a></td>' : "<td>\\u2013</td>";
+    });
+    D.metrics.forEach(function (m) {
+      var v = r.metrics[m.key];
+      s += "<td class=num>" + (v === undefined ? "\\u2013" : v === null ? "n/a"
+        : v.toFixed(m.digits)) + "</td>";
+    });
+    return s + "</tr>";
+  }
+  function pager(pages) {
+    var b = function (p, t, cur) { return '<button data-page="' + p + '"' + (cur ? ' class="cur"'
+      : "") + (p < 0 || p >= pages ? " disabled" : "") + ">" + t + "</button>"; };
+    var s = b(st.page - 1, "prev"), last = -1;
+    for (var p = 0; p < pages; p++) {
+      if (p > 1 && p < pages - 2 && Math.abs(p - st.page) > 2) continue;
+      if (p > last + 1) s += " \\u2026 ";
+      s += b(p, p + 1, p === st.page); last = p;
+    }
+    s += b(st.page + 1, "next") + " <label>rows per page <select>" + [25, 50, 100, 250, 1000]
+      .map(function (n) { return "<option" + (n === st.size ? " selected" : "") + ">" + n
+      + "</option>"; }).join("") + "</select></label> (" + rows.length + " images)";
+    document.querySelectorAll(".pager").forEach(function (el) { el.innerHTML = s; });
+  }
+  function render() {
+    var pages = Math.max(1, Math.ceil(rows.length / st.size));
+    st.page = Math.max(0, Math.min(st.page, pages - 1));
+    var lo = st.page * st.size;
+    document.getElementById("rows").innerHTML = order.slice(lo, lo + st.size)
+      .map(function (i) { return row(rows[i]); }).join("");
+    pager(pages);
+    document.querySelectorAll("th.sort").forEach(function (th) {
+      th.className = "sort" + (th.dataset.key === st.key ? (st.dir > 0 ? " asc" : " desc") : "");
+    });
+  }
+  document.querySelectorAll("th.sort").forEach(function (th) {
+    th.addEventListener("click", function () {
+      st.dir = th.dataset.key === st.key ? -st.dir : 1;
+      st.key = th.dataset.key; st.page = 0; sort(); render();
+    });
+  });
+  document.querySelectorAll(".pager").forEach(function (el) {
+    el.addEventListener("click", function (e) {
+      var p = e.target.dataset && e.target.dataset.page;
+      if (p !== undefined && !e.target.disabled) { st.page = +p; render(); }
+    });
+    el.addEventListener("change", function (e) {
+      st.size = +e.target.value; st.page = 0; render();
+    });
+  });
+  render();
+})();
+</script>
+</body></html>
+"""

@@ -20,6 +20,10 @@ from flax import traverse_util
 from grain_jax.layers import resize_bilinear
 
 DIMS = (64, 192, 768, 2048)  # pytorch-fid's --dims: the output of each of its 4 blocks
+# pytorch-fid's weights (its FID_WEIGHTS_URL); nothing is downloaded at run time.
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               + WEIGHTS_FILE)
 
 
 class BasicConv2d(nn.Module):

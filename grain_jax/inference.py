@@ -102,6 +102,14 @@ class LoadedModel:
     self.require("identity")
     return self._apply["irse50"](self._other["irse50"], self._images(x112, 112, "identity"))
 
+  def network_variables(self, name: str) -> dict:
+    """The variables of one converted network that is not part of the GRAIN model (irse50,
+    inception, lpips, discriminator)."""
+    if name not in self._other:
+      raise RuntimeError(f"this checkpoint has no {name} weights: "
+                         f"{networks.option_hint([name])}; convert them with grain-jax convert")
+    return self._other[name]
+
   @property
   def lpips_params(self):
     """The LPIPS variables of this checkpoint (needs --lpips at conversion)."""

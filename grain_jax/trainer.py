@@ -46,6 +46,8 @@ log = logging.getLogger("grain_jax.train")
 # Fields that may change when a run is resumed: how long it runs and how it reports.
 RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images",
+                     "data.eval_identity", "data.eval_fid", "data.eval_inception",
+                     "data.eval_fid_dims",
                      "model.compute_dtype", "model.remat", "max_nonfinite_steps")
 
 
@@ -114,7 +116,7 @@ def _load_sources(cfg) -> tuple[dict, dict]:
 
 def _check_shapes(name: str, variables, model_cfg, where: str) -> None:
   """Refuses weights of a network whose shapes differ from the configured network's."""
-  if name not in networks.NETWORKS or name in ("lpips", "irse50"):  # fixed architectures
+  if name not in networks.NETWORKS or name in ("lpips", "irse50", "inception"):  # fixed
     return
   expected = traverse_util.flatten_dict(networks.expected_variables(name, model_cfg), sep="/")
   got = traverse_util.flatten_dict(variables, sep="/")
@@ -315,19 +317,41 @@ class _Reporter:
 
 
 class _Validation:
-  """Held-out evaluation of the stage's output; exports the best weights by its PSNR."""
+  """Held-out evaluation of the stage's output; exports the best weights by its PSNR.
 
-  def __init__(self, cfg, workdir: str, model: GRAIN, variables, lpips_params):
-    from grain_jax import datasets, evaluate
+  The metrics are evaluate's: identity similarity if data.eval_identity and IR-SE50 weights
+  were loaded, FID/KID (against the held-out images) only if data.eval_fid, with the
+  InceptionV3 of data.eval_inception or of init.weights.
+  """
+
+  def __init__(self, cfg, workdir: str, model: GRAIN, variables, loss_vars: dict):
+    from grain_jax import datasets, evaluate, fid
 
     self.cfg, self.workdir = cfg, workdir
     self.source = datasets.open_source(cfg.data.eval, cfg.data.data_dir or None)
     evaluate.check_output(self.source, os.path.join(workdir, "eval"))  # before training
+    lpips_params = loss_vars.get("lpips")
     if lpips_params is None:
       lpips_params = evaluate.lpips_variables("auto")
+    metric = {"skip_reasons": {}}
+    if cfg.data.eval_identity and "irse50" in loss_vars:
+      metric["irse50_params"] = distributed.host_copy(loss_vars["irse50"])
+    else:
+      metric["skip_reasons"]["id"] = ("data.eval_identity is off" if not cfg.data.eval_identity
+                                      else "no IR-SE50 weights (init.weights, --irse50)")
+    if cfg.data.eval_fid:  # the weights are read (and a missing file refused) before training
+      source = cfg.data.eval_inception or cfg.init.weights
+      if not source:
+        raise ValueError("data.eval_fid needs InceptionV3 weights: set data.eval_inception to "
+                         "pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a converted "
+                         "weights folder")
+      metric["inception_params"] = fid.load_inception(source)
+    else:
+      metric["skip_reasons"]["fid"] = "data.eval_fid is off"
     # Each host evaluates its share of the images on its own devices (evaluate.evaluate).
     self.evaluator = evaluate.Evaluator(model, variables, None,
-                                        distributed.host_copy(lpips_params))
+                                        distributed.host_copy(lpips_params),
+                                        fid_dims=int(cfg.data.eval_fid_dims), **metric)
     self.metric = f"{stages.get(cfg.stage).output}_psnr"
     self.best_path = os.path.join(workdir, "best", "score.json")
     self.best = -np.inf
@@ -541,7 +565,7 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
   if ckpts.resuming:
     log.info("resumed %s at step %d", workdir, first)
   report = _Reporter(cfg, workdir, training.model, first, mesh)
-  validate = (_Validation(cfg, workdir, training.model, variables, loss_vars.get("lpips"))
+  validate = (_Validation(cfg, workdir, training.model, variables, loss_vars)
               if cfg.data.eval else None)
   del variables, d_variables
   export = lambda path: export_weights(path, cfg, state, loss_vars, origin)

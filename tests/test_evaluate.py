@@ -70,7 +70,7 @@ def test_metrics_match_an_independent_computation_from_the_files(evaluator, smal
   assert [r["file"] for r in rows] == ["a_exact.png", "b_large.png", "c_gray.jpg"]
   for k in evaluator.names:  # the JSON holds the means of the CSV columns
     assert abs(np.mean([float(r[k]) for r in rows]) - meta[k]) < 1e-9, k
-  for sub in ("lr", "invrrdb", "stylegan", "fusion", "comp"):
+  for sub in ("lr", "bicubic", "invrrdb", "stylegan", "fusion", "gt", "comp"):
     assert sorted(os.listdir(out / sub)) == ["a_exact.png", "b_large.png", "c_gray.png"], sub
 
   hr = small_model.hr_size
@@ -88,9 +88,14 @@ def test_metrics_match_an_independent_computation_from_the_files(evaluator, smal
       assert abs(float(row[f"{key}_psnr"])
                  - skimage.metrics.peak_signal_noise_ratio(gt, got, data_range=255)) < 1e-3
       assert abs(float(row[f"{key}_ssim"]) - _ssim(gt, got)) < 1e-4
+    # comp: LR (nearest) | bicubic | hr_inv | hr_gan | hr | ground truth
     comp = _png(out / "comp" / name)
-    np.testing.assert_array_equal(comp[:, 3 * hr:], gt)
-    np.testing.assert_array_equal(comp[:, 2 * hr:3 * hr], _png(out / "fusion" / name))
+    np.testing.assert_array_equal(comp[:, 5 * hr:], gt)
+    np.testing.assert_array_equal(_png(out / "gt" / name), gt)
+    np.testing.assert_array_equal(comp[:, 4 * hr:5 * hr], _png(out / "fusion" / name))
+    np.testing.assert_array_equal(comp[:, hr:2 * hr], _png(out / "bicubic" / name))
+    k = hr // small_model.lr_size
+    np.testing.assert_array_equal(comp[::k, :hr][:, ::k], _png(out / "lr" / name))
     want_lpips = small_model.lpips(_png(out / "fusion" / name)[None] / 127.5 - 1,
                                    gt[None] / 127.5 - 1)
     assert abs(float(row["hr_lpips"]) - float(want_lpips[0])) < 1e-5
@@ -100,6 +105,7 @@ def test_metrics_match_an_independent_computation_from_the_files(evaluator, smal
     assert abs(float(row["bicubic_psnr"]) - skimage.metrics.peak_signal_noise_ratio(
         gt, bic.astype(np.float64), data_range=255)) < 1e-3
     assert abs(float(row["bicubic_ssim"]) - _ssim(gt, bic.astype(np.float64))) < 1e-4
+    assert np.abs(_png(out / "bicubic" / name) - bic).max() <= 1
     assert abs(float(row["lr_psnr"]) - skimage.metrics.peak_signal_noise_ratio(
         lr_to_uint8(bic_lr)[0].astype(np.float64), _png(out / "lr" / name),
         data_range=255)) < 1e-3
@@ -197,3 +203,116 @@ def test_non_finite_outputs_give_null_means_not_a_truncated_file(evaluator, smal
   assert meta == summary and meta["num_images"] == 3 and meta["num_nonfinite"] == 3
   assert meta["hr_psnr"] is None and meta["bicubic_psnr"] is not None
   assert len(_csv(tmp_path / "out" / "per_image.csv")) == 3
+
+
+# --- identity, FID/KID and the report ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def metric_params(small_model):
+  """IR-SE50 (random init) and pytorch-fid's InceptionV3 (synthetic weights of the real
+  layout, converted as grain-jax convert --inception does)."""
+  from grain_jax import networks
+  from test_inception import pt_inception_state_dict
+
+  sd = {k: v.numpy() for k, v in pt_inception_state_dict().items()}
+  return {"irse50": networks.init("irse50", small_model.config, 0),
+          "inception": networks.from_state_dict("inception", sd, small_model.config)}
+
+
+def test_identity_from_the_written_files_and_a_report_whose_links_resolve(
+    small_model, metric_params, folder, tmp_path):
+  from grain_jax import losses
+  from test_report import check_links
+
+  ev = evaluate.Evaluator(small_model.model, small_model.variables, 2,
+                          small_model.lpips_params, with_images=True,
+                          irse50_params=metric_params["irse50"],
+                          inception_params=metric_params["inception"], fid_dims=64)
+  out = tmp_path / "eval"
+  s = evaluate.evaluate(ev, datasets.FolderSource(str(folder)), str(out), progress=False,
+                        write_report=True)
+  assert s["num_images"] == 3 and list(s["skipped_metrics"]) == ["lr_ssim"]
+  embed = jax.jit(lambda u8: losses.identity_embedding(metric_params["irse50"],
+                                                       u8 / 127.5 - 1.0))
+  for row in _csv(out / "per_image.csv"):
+    name = os.path.splitext(row["file"])[0] + ".png"
+    e_gt = np.asarray(embed(_png(out / "gt" / name)[None]))[0]
+    for key, sub in (("hr", "fusion"), ("hr_inv", "invrrdb"), ("hr_gan", "stylegan"),
+                     ("bicubic", "bicubic")):
+      e = np.asarray(embed(_png(out / sub / name)[None]))[0]
+      want = e @ e_gt / (np.linalg.norm(e) * np.linalg.norm(e_gt))
+      assert abs(float(row[f"{key}_id"]) - want) < 1e-4, (name, key)
+  for k in ("hr", "hr_inv", "hr_gan", "bicubic"):  # 3 images: computed, singular covariances
+    assert s[f"{k}_fid"] > 0 and np.isfinite(s[f"{k}_kid"]) and s[f"{k}_kid_std"] >= 0
+  page, data = check_links(out, (out / "index.html").read_text())
+  assert [r["file"] for r in data["rows"]] == ["a_exact.png", "b_large.png", "c_gray.jpg"]
+  assert set(data["rows"][0]["images"]) == {"lr", "bicubic", "hr_inv", "hr_gan", "hr", "gt"}
+  assert f"{s['hr_psnr']:.2f}" in (out / "index.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+  """70 64x64 crops: more images than 64 feature dimensions, so FID is well conditioned."""
+  d = tmp_path_factory.mktemp("crops")
+  rng = np.random.default_rng(1)
+  pics = [np.asarray(Image.open(SAMPLE))] + [getattr(skimage.data, n)() for n in
+                                             ("coffee", "chelsea", "rocket")]
+  for i in range(70):
+    p = pics[i % len(pics)]
+    y, x = rng.integers(0, p.shape[0] - 96), rng.integers(0, p.shape[1] - 96)
+    Image.fromarray(p[y:y + 96:3, x:x + 96:3].repeat(2, 0).repeat(2, 1)).save(d / f"{i:02d}.png")
+  return d
+
+
+def test_fid_and_kid_equal_those_of_the_written_folders(small_model, metric_params, crops,
+                                                        tmp_path):
+  """hr_fid is `grain-jax fid OUT/fusion OUT/gt` (hence pytorch-fid's number, test_fid.py),
+  and likewise for every output; with reference statistics the FID is against those."""
+  from grain_jax import fid
+
+  ev = evaluate.Evaluator(small_model.model, small_model.variables, 10, None, with_images=True,
+                          inception_params=metric_params["inception"], fid_dims=64)
+  extractor = fid.FeatureExtractor(metric_params["inception"], 64, 16)
+  inputs = fid.statistics_of(str(crops), extractor, progress=False)
+  npz = tmp_path / "inputs.npz"
+  fid.save_statistics(str(npz), inputs["features"])
+  out = tmp_path / "eval"
+  s = evaluate.evaluate(ev, datasets.FolderSource(str(crops)), str(out), progress=False,
+                        fid_reference=fid.load_statistics(str(npz)))
+  assert s["num_images"] == 70 and s["fid_reference"] == str(npz) and s["fid_dims"] == 64
+  assert "hr_lpips" in s["skipped_metrics"] and "hr_id" in s["skipped_metrics"]
+  gt = fid.statistics_of(str(out / "gt"), extractor, progress=False)
+  # The inputs are exactly 64x64 8-bit images: the ground truth is the input, bit for bit.
+  np.testing.assert_allclose(gt["features"], inputs["features"], rtol=1e-5, atol=1e-6)
+  for key, sub in (("hr", "fusion"), ("hr_inv", "invrrdb"), ("hr_gan", "stylegan"),
+                   ("bicubic", "bicubic")):
+    want = fid.fid_and_kid(fid.statistics_of(str(out / sub), extractor, progress=False), gt,
+                           kid=True)
+    assert abs(s[f"{key}_fid"] - want["fid"]) <= 1e-5 * want["fid"], key
+    assert abs(s[f"{key}_kid"] - want["kid"]) <= 1e-4 * abs(want["kid"]), key
+
+
+def test_missing_metric_weights_are_named_skipped_or_refused(small_weights, folder, tmp_path,
+                                                             capsys):
+  from grain_jax import cli, inception
+
+  out = tmp_path / "eval"
+  code = cli.main(["evaluate", "--checkpoint", small_weights, "--data", str(folder), "--out",
+                   str(out), "--lpips", "off"])
+  err = capsys.readouterr().err
+  assert code == 1  # the corrupt file in `folder`
+  assert "FID/KID left out" in err and inception.WEIGHTS_FILE in err
+  assert "identity similarity left out" in err and "--irse50" in err
+  meta = json.loads((out / "metrics.json").read_text())
+  assert inception.WEIGHTS_URL in meta["skipped_metrics"]["hr_fid"]
+  assert meta["skipped_metrics"]["bicubic_lpips"] == "--lpips off"
+  assert "--irse50" in meta["skipped_metrics"]["hr_inv_id"]
+  assert "hr_fid" not in meta and "hr_id" not in meta
+  for flag in ("--fid", "--identity"):
+    code = cli.main(["evaluate", "--checkpoint", small_weights, "--data", str(folder), "--out",
+                     str(tmp_path / "e2"), flag, "on"])
+    assert code == 2 and "error:" in capsys.readouterr().err
+  code = cli.main(["evaluate", "--checkpoint", small_weights, "--data", str(folder), "--out",
+                   str(tmp_path / "e3"), "--inception", str(tmp_path / "nothing.pth")])
+  err = capsys.readouterr().err
+  assert code == 2 and "no such file" in err and inception.WEIGHTS_URL in err

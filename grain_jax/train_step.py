@@ -40,7 +40,7 @@ from grain_jax.model import GRAIN
 from grain_jax.quantizer import quantize_with_noise
 
 AXIS = "data"
-LOSS_TERMS = ("l2", "lr_l2", "lpips", "id", "adv")
+LOSS_TERMS = ("l2", "lr_l2", "lpips", "id", "adv", "ssim")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -55,6 +55,10 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array       # raw uint32 key data (checkpointable)
   nonfinite_run: jax.Array    # consecutive steps skipped for a non-finite loss or state
   nonfinite_total: jax.Array  # all steps skipped so far
+  # The learning-rate schedule's length (max_steps, or what a time budget decided once the
+  # step time was measured): a value, not a constant of the compiled step, so setting it
+  # needs no recompilation.
+  schedule_steps: jax.Array
 
 
 def variables_of(state: TrainState) -> dict:
@@ -69,8 +73,8 @@ class StepSetup:
   """What a step needs besides its arguments (from the config, fixed for a run)."""
   model: GRAIN
   disc: nn.Module
-  tx: optax.GradientTransformation
-  d_tx: optax.GradientTransformation
+  make_tx: Callable      # schedule length (int32 scalar) -> the optimizer
+  make_d_tx: Callable    # the same for the discriminator
   stage: stages.Stage
   weights: dict          # loss term -> weight (0 = off)
   loss_nets: frozenset   # loss networks whose variables are passed in: 'lpips', 'irse50'
@@ -135,13 +139,13 @@ def discriminator_logits(s: StepSetup, d_params, d_stats, img):
   return s.disc.apply({"params": d_params}, img), d_stats
 
 
-def _r1_update(s: StepSetup, d_params, d_opt_state, grads, real):
+def _r1_update(s: StepSetup, d_tx, d_params, d_opt_state, grads, real):
   """The lazy-R1 update: the logistic-loss gradient plus the weighted R1 gradient."""
   r1_fn = lambda p: losses.r1_penalty(lambda img: s.disc.apply({"params": p}, img), real)
   r1, r1_grads = jax.value_and_grad(r1_fn)(optim.model_params(d_params))
   scale = s.r1_gamma / 2 * s.r1_every
   total = jax.tree_util.tree_map(lambda g, h: g + scale * h, grads, s.pmean(r1_grads))
-  updates, d_opt_state = s.d_tx.update(total, d_opt_state, d_params)
+  updates, d_opt_state = d_tx.update(total, d_opt_state, d_params)
   return optax.apply_updates(d_params, updates), d_opt_state, r1
 
 
@@ -160,13 +164,14 @@ def discriminator_update(s: StepSetup, state: TrainState, x, y, noise):
   (d_loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       optim.model_params(state.d_params))
   grads = s.pmean(grads)
-  updates, d_opt_state = s.d_tx.update(grads, state.d_opt_state, state.d_params)
+  d_tx = s.make_d_tx(state.schedule_steps)
+  updates, d_opt_state = d_tx.update(grads, state.d_opt_state, state.d_params)
   d_params = optax.apply_updates(state.d_params, updates)
   r1 = jnp.zeros(())
   if not s.patch:
     d_params, d_opt_state, r1 = jax.lax.cond(
         state.step % s.r1_every == 0,
-        lambda a: _r1_update(s, *a, grads, y),
+        lambda a: _r1_update(s, d_tx, *a, grads, y),
         lambda a: (*a, jnp.zeros(())), (d_params, d_opt_state))
   state = state.replace(d_params=d_params, d_opt_state=d_opt_state,
                         d_batch_stats=s.pmean(stats) if s.patch else stats)
@@ -181,6 +186,8 @@ def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_v
   terms = {"l2": losses.l2(hr, y)}
   if w["lr_l2"] > 0:
     terms["lr_l2"] = losses.lr_l2(out["lr_float"], y)
+  if w["ssim"] > 0:
+    terms["ssim"] = losses.ssim(hr, y)
   if w["lpips"] > 0 and "lpips" in s.loss_nets:
     terms["lpips"] = losses.lpips(loss_vars["lpips"], hr, y)
   if w["id"] > 0 and "irse50" in s.loss_nets:
@@ -242,7 +249,8 @@ def train_step(s: StepSetup, state: TrainState, batch, loss_vars):
   loss_fn = lambda trained: generator_loss(s, trained, state, x, y, g_noise, loss_vars)
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       optim.model_params(state.params))
-  updates, opt_state = s.tx.update(s.pmean(grads), state.opt_state, state.params)
+  updates, opt_state = s.make_tx(state.schedule_steps).update(s.pmean(grads), state.opt_state,
+                                                              state.params)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
   metrics = s.pmean({**metrics, **{f"loss_{k}": v for k, v in terms.items()}, "loss": loss})
@@ -263,22 +271,32 @@ def make_parallel_step(step: Callable, mesh: Mesh) -> Callable:
 
 # ------------------------------------------------------------------------------ setup
 
-def learning_rate_schedule(cfg, base_lr: float) -> optax.Schedule:
-  """cfg.lr_schedule ('constant' or 'cosine' to 0 at max_steps) after cfg.warmup_steps."""
-  if cfg.lr_schedule == "constant":
-    main = optax.constant_schedule(base_lr)
-  elif cfg.lr_schedule == "cosine":
-    main = optax.cosine_decay_schedule(base_lr, max(1, cfg.max_steps - cfg.warmup_steps))
-  else:
+def learning_rate_schedule(cfg, base_lr: float, schedule_steps=None) -> optax.Schedule:
+  """cfg.lr_schedule ('constant', or 'cosine' to 0 at `schedule_steps`, default max_steps)
+  after cfg.warmup_steps of linear warmup. `schedule_steps` may be a traced value (the
+  train state's), so a time budget can set it after the run started."""
+  if cfg.lr_schedule not in ("constant", "cosine"):
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-  if cfg.warmup_steps:
-    return optax.join_schedules([optax.linear_schedule(0.0, base_lr, cfg.warmup_steps), main],
-                                [cfg.warmup_steps])
-  return main
+  warmup = int(cfg.warmup_steps)
+  total = cfg.max_steps if schedule_steps is None else schedule_steps
+
+  def schedule(count):
+    if cfg.lr_schedule == "constant":
+      lr = jnp.full((), base_lr, jnp.float32)
+    else:  # optax.cosine_decay_schedule's formula, with a decay length that may be traced
+      decay = jnp.maximum(total - warmup, 1).astype(jnp.float32)
+      t = jnp.minimum(jnp.maximum(count - warmup, 0).astype(jnp.float32), decay)
+      lr = base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * t / decay))
+    if warmup:
+      lr = jnp.where(count < warmup, base_lr * count.astype(jnp.float32) / warmup, lr)
+    return lr
+
+  return schedule
 
 
 def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
-  """The initial state from the model's variables and the discriminator's."""
+  """The initial state from the model's variables and the discriminator's (`tx`, `d_tx`:
+  their optimizers, for the state's structure)."""
   stage = stages.get(cfg.stage)
   params = variables["params"]
   trained = {n: params[n] for n in stage.trains}
@@ -294,7 +312,8 @@ def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
       frozen=as_jnp(frozen), d_params=d_wrapped, d_opt_state=d_tx.init(d_wrapped),
       d_batch_stats=as_jnp(d_variables.get("batch_stats", {})),
       rng=jax.random.key_data(jax.random.key(cfg.seed)),
-      nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
+      nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32),
+      schedule_steps=jnp.asarray(cfg.max_steps, jnp.int32))
 
 
 class Training(NamedTuple):
@@ -312,16 +331,19 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
   skip_nonfinite=False leaves out the divergence guard (only to measure what it costs).
   """
   stage = stages.get(cfg.stage)
-  tx = optim.make_optimizer(cfg.optimizer, learning_rate_schedule(cfg, cfg.learning_rate))
   d_lr = cfg.learning_rate if cfg.d_learning_rate < 0 else cfg.d_learning_rate
-  d_tx = optim.make_optimizer(cfg.optimizer, learning_rate_schedule(cfg, d_lr))
+  make_tx = lambda n: optim.make_optimizer(cfg.optimizer,
+                                           learning_rate_schedule(cfg, cfg.learning_rate, n))
+  make_d_tx = lambda n: optim.make_optimizer(cfg.optimizer, learning_rate_schedule(cfg, d_lr, n))
   disc = networks.build(stage.discriminator, cfg.model)
   if stage.discriminator == "patch_discriminator":
     disc = disc.clone(axis_name=AXIS)  # synchronised BatchNorm over the devices
   model = GRAIN.from_config(cfg.model, stage.runs)
-  setup = StepSetup(model, disc, tx, d_tx, stage, {k: float(cfg.loss[k]) for k in LOSS_TERMS},
+  setup = StepSetup(model, disc, make_tx, make_d_tx, stage,
+                    {k: float(cfg.loss[k]) for k in LOSS_TERMS},
                     frozenset(loss_vars), int(cfg.d_every), int(cfg.r1_every),
                     float(cfg.r1_gamma), skip_nonfinite=skip_nonfinite)
-  state = create_train_state(cfg, variables, d_variables, tx, d_tx)
+  state = create_train_state(cfg, variables, d_variables, make_tx(cfg.max_steps),
+                             make_d_tx(cfg.max_steps))
   state = jax.device_put(state, NamedSharding(mesh, P()))
   return Training(state, make_parallel_step(functools.partial(train_step, setup), mesh), model)

@@ -43,12 +43,24 @@ from grain_jax.networks import MODEL_NETWORKS
 
 log = logging.getLogger("grain_jax.train")
 
+
+def _now() -> float:
+  """The clock of time budgets (a function, so tests can drive it)."""
+  return time.monotonic()
+
 # Fields that may change when a run is resumed: how long it runs and how it reports.
 RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images",
                      "data.eval_identity", "data.eval_fid", "data.eval_inception",
-                     "data.eval_fid_dims",
+                     "data.eval_fid_dims", "time_budget_s", "budget_probe_steps",
                      "model.compute_dtype", "model.remat", "max_nonfinite_steps")
+
+
+# Fields added by later versions, at the value that reproduces what earlier versions did: a
+# checkpoint's config without one matches that value.
+ADDED_FIELDS = {"loss.ssim": 0.0}
+# The demo's own fields (in its stage configs): read by the demo, never by a training run.
+DEMO_PREFIXES = ("demo", "stage_")
 
 
 class ConfigMismatchError(ValueError):
@@ -76,8 +88,10 @@ def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     with open(path) as f:
       old = json.load(f)
     a, b = (traverse_util.flatten_dict(d, sep=".") for d in (old, new))
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
     diff = sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+                  if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+                  and not k.startswith(DEMO_PREFIXES))
     if diff:
       fields = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff)
       raise ConfigMismatchError(
@@ -458,12 +472,13 @@ class _Checkpoints:
           f"with that many (this run has {jax.process_count()}), or start a new --workdir")
 
   def _target(self, step: int, state):
-    """What to restore step `step` into: `state`, or for a checkpoint made before the
-    divergence guard (without its two counters) a dict of the fields it has (the counters
-    then start at zero)."""
+    """What to restore step `step` into: `state`, or for a checkpoint of an earlier version
+    (without the divergence guard's two counters or the schedule length) a dict of the
+    fields it has (the counters then start at zero, the schedule length is max_steps)."""
     stored = set(self.mgr.item_metadata(step)["state"].keys())
     fields = {f.name for f in dataclasses.fields(state)}
-    if stored != fields and fields - stored <= {"nonfinite_run", "nonfinite_total"}:
+    if stored != fields and fields - stored <= {"nonfinite_run", "nonfinite_total",
+                                                "schedule_steps"}:
       return {k: getattr(state, k) for k in stored}
     return state
 
@@ -511,9 +526,12 @@ def _mesh(cfg) -> tuple[Mesh, int]:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, started: float | None = None) -> dict:
   """Trains one stage per `cfg` in `workdir` (resuming if it holds checkpoints); returns the
   last validation metrics ({} without validation data).
+
+  With cfg.time_budget_s > 0 the run ends about that many seconds after `started`
+  (the monotonic clock; default: now), setup and compilation included (see _Budget).
 
   The workdir is locked for the run (a second run there is refused, naming this one);
   raises TrainingDiverged after cfg.max_nonfinite_steps skipped steps in a row.
@@ -532,10 +550,46 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     raise refused
   distributed.agree(refused is None, str(refused or f"{workdir} is in use by another run"))
   try:
-    return _train(cfg, workdir, progress)
+    return _train(cfg, workdir, progress, _now() if started is None else started)
   finally:
     if lock:
       lock.release()
+
+
+class _Budget:
+  """cfg.time_budget_s: the number of steps that fit, decided once the step time is known.
+
+  The first step (which compiles) is waited for, then `cfg.budget_probe_steps` more are
+  timed; the steps that fit in what is left of the budget, less a reserve for the last
+  checkpoint and export, become the run's length, capped by max_steps. The cosine schedule
+  follows that length (TrainState.schedule_steps, no recompilation). The probe ends within
+  the warmup when warmup_steps > probe steps, so the learning rates of a run are exactly those
+  of a fixed-step run of the same length (the log and the exported weights say how many).
+  """
+
+  def __init__(self, cfg, started: float, first: int):
+    self.cfg, self.deadline = cfg, started + float(cfg.time_budget_s)
+    self.first, self.probe = first, max(1, int(cfg.budget_probe_steps))
+    self.t0 = None
+
+  def observe(self, step: int, metrics) -> int | None:
+    """After dispatching `step`: None, or the run's last step once decided."""
+    if step == self.first + 1:
+      jax.block_until_ready(metrics["loss"])  # the compiling step is not timed
+      self.t0 = _now()
+      return None
+    if step < self.first + 1 + self.probe:
+      return None
+    jax.block_until_ready(metrics["loss"])
+    now = _now()
+    per_step = (now - self.t0) / self.probe
+    reserve = 1.0 + 0.02 * float(self.cfg.time_budget_s)  # last checkpoint, export, close
+    more = max(0, int((self.deadline - now - reserve) / per_step))
+    last = int(distributed.broadcast_from_first(np.int32(min(self.cfg.max_steps,
+                                                              step + more))))
+    log.info("time budget %.0f s: %.3f s/step over steps %d-%d, %.0f s left -> %d steps",
+             self.cfg.time_budget_s, per_step, self.first + 2, step, self.deadline - now, last)
+    return last
 
 
 def _diverged(cfg, step: int, run: int, ckpts: _Checkpoints) -> TrainingDiverged:
@@ -547,7 +601,7 @@ def _diverged(cfg, step: int, run: int, ckpts: _Checkpoints) -> TrainingDiverged
       f"or check the data")
 
 
-def _train(cfg, workdir: str, progress: bool) -> dict:
+def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
   from tqdm import tqdm
 
   check_config(workdir, cfg)
@@ -562,6 +616,13 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
   loss_vars = jax.device_put(loss_vars, NamedSharding(mesh, P()))
   state = ckpts.restore(training.state, data) if ckpts.resuming else training.state
   first = int(state.step)
+  last = cfg.max_steps
+  budget = None
+  if cfg.time_budget_s > 0:
+    if first == 0:
+      budget = _Budget(cfg, started, first)
+    else:  # a resumed run keeps the length its budget decided
+      last = min(cfg.max_steps, int(distributed.host_copy(state.schedule_steps)))
   if ckpts.resuming:
     log.info("resumed %s at step %d", workdir, first)
   report = _Reporter(cfg, workdir, training.model, first, mesh)
@@ -574,7 +635,7 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
   state_finite = jax.jit(lambda st: train_step.all_finite(
       (st.params, st.opt_state, st.frozen, st.d_params, st.d_opt_state, st.d_batch_stats)))
   batch_sharding = NamedSharding(mesh, P(train_step.AXIS))
-  bar = tqdm(total=cfg.max_steps, initial=first, unit="step", desc=f"train {cfg.stage}",
+  bar = tqdm(total=last, initial=first, unit="step", desc=f"train {cfg.stage}",
              disable=not progress, file=sys.stderr, dynamic_ncols=True)
   last_metrics: dict = {}
   # The previous step's count of consecutive skipped steps, read once the next step is
@@ -589,22 +650,30 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
       raise _diverged(cfg, step, run, ckpts)
 
   try:
-    for step in range(first + 1, cfg.max_steps + 1):
+    step = first
+    while step < last:
+      step += 1
       host_batch = next(data)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                for k, v in host_batch.items()}
       state, metrics = training.step(state, batch, loss_vars)
+      if budget is not None and (decided := budget.observe(step, metrics)) is not None:
+        budget, last = None, decided
+        state = state.replace(schedule_steps=jax.device_put(
+            np.int32(last), state.schedule_steps.sharding))
+        bar.total = last
+        bar.refresh()
       if pending is not None:
         check(*pending)
       pending = (step, metrics["nonfinite_run"])
       report.step_done()
       bar.update(1)
-      if _due(step, cfg.log_every, cfg.max_steps):
+      if _due(step, cfg.log_every, last):
         m = report.losses(step, metrics, data.skipped())
         bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-      if cfg.image_every and _due(step, cfg.image_every, cfg.max_steps):
+      if cfg.image_every and _due(step, cfg.image_every, last):
         report.preview(step, state, host_batch)
-      if _due(step, cfg.checkpoint_every, cfg.max_steps):
+      if _due(step, cfg.checkpoint_every, last):
         check(*pending)  # a run that just diverged stops before saving
         pending = None
         if not bool(distributed.host_copy(state_finite(state))):
@@ -613,7 +682,7 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
           ckpts.save(step, state, data)
           if jax.process_index() == 0:
             export(os.path.join(workdir, "weights"))
-      if validate and _due(step, cfg.eval_every, cfg.max_steps):
+      if validate and _due(step, cfg.eval_every, last):
         last_metrics = validate(step, state, export)
         report.validation(step, last_metrics, validate.evaluator.names)
     if pending is not None:

@@ -51,11 +51,18 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="ranger", b1=0.95, b2=0.999, eps=1e-5, sync_period=6, slow_step_size=0.5))
   c.d_learning_rate = -1.0  # < 0: same as learning_rate (the original)
-  c.loss = ml_collections.ConfigDict(dict(l2=1.0, lr_l2=s.lr_l2, lpips=0.8, id=0.1, adv=0.01))
+  # ssim (1 - SSIM) is not GRAIN's; off unless a config asks (the CPU demo does).
+  c.loss = ml_collections.ConfigDict(dict(l2=1.0, lr_l2=s.lr_l2, lpips=0.8, id=0.1, adv=0.01,
+                                          ssim=0.0))
   c.d_every = s.d_every     # discriminator update every N steps (0: never)
   c.r1_gamma = 10.0
   c.r1_every = 16
   c.max_steps = 300000
+  # > 0: train for about this many seconds (setup and compilation included): the step count,
+  # and the cosine schedule's length, are set from the step time measured over the first
+  # budget_probe_steps steps after the compiling one; max_steps is then a cap.
+  c.time_budget_s = 0.0
+  c.budget_probe_steps = 5
   c.log_every = 5000       # the original's board_interval
   c.image_every = 5000
   c.eval_every = 20000

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from grain_jax.irse50 import ID_INPUT_SIZE, IRSE50, identity_crop
 from grain_jax.layers import resize_bilinear
 from grain_jax.lpips import LPIPS
+from grain_jax.metrics import ssim as _ssim
 
 
 def l2(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -28,6 +29,12 @@ def lr_l2(lr_float: jax.Array, target: jax.Array) -> jax.Array:
   antialiasing, at the LR size of the model.
   """
   return l2(lr_float, resize_bilinear(target, lr_float.shape[1:3]))
+
+
+def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
+  """1 - SSIM (the evaluation's: 11x11 Gaussian window, data range 255), batch mean. Not in
+  GRAIN; the CPU demo uses it beside L2, which alone favours blur over structure."""
+  return 1.0 - jnp.mean(_ssim((a + 1.0) * 127.5, (b + 1.0) * 127.5))
 
 
 def lpips(lpips_params, a: jax.Array, b: jax.Array) -> jax.Array:

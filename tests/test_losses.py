@@ -94,3 +94,20 @@ def test_identity_loss_is_one_minus_cosine_of_the_cropped_embeddings(torch_ckpt)
   g_real = jax.grad(lambda r: losses.identity(variables, fake, r))(y)
   g_fake = jax.grad(lambda f: losses.identity(variables, f, y))(fake)
   assert float(jnp.abs(g_real).max()) == 0.0 and float(jnp.abs(g_fake).max()) > 0.0
+
+
+def test_ssim_loss_is_one_minus_the_evaluation_ssim_and_has_a_gradient():
+  import skimage.metrics
+  from grain_jax import losses
+
+  rng = np.random.default_rng(4)
+  y = rng.uniform(-1, 1, (2, 24, 24, 3)).astype(np.float32)
+  x = np.clip(y + rng.normal(0, 0.2, y.shape), -1, 1).astype(np.float32)
+  want = np.mean([skimage.metrics.structural_similarity(
+      (a + 1) * 127.5, (b + 1) * 127.5, channel_axis=-1, data_range=255, gaussian_weights=True,
+      sigma=1.5, use_sample_covariance=False) for a, b in zip(x, y)])
+  assert abs(float(losses.ssim(x, y)) - (1 - want)) < 1e-5
+  assert float(losses.ssim(y, y)) < 1e-6
+  g = jax.grad(lambda a: losses.ssim(a, y))(x)
+  # A small step against the gradient raises SSIM.
+  assert float(losses.ssim(x - 0.05 * g / np.abs(g).max(), y)) < float(losses.ssim(x, y))

@@ -178,17 +178,30 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_resample_start_is_box_down_nearest_up():
   """init.resample_start: a fresh rescaler that downscales by area averaging and
-  upscales by pixel repetition, with every dense block's residual branch at zero."""
+  upscales by pixel repetition (smooth_levels=0), or with its last two x2 steps bilinear
+  (the default: a [1, 2, 1]^2 / 16 filter, zero padded, after each repetition), with every
+  dense block's residual branch at zero."""
   from tiny_config import tiny_model
   model = invrrdb.InvRRDB.from_config(tiny_model())  # 32 <-> 4
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  p = resample_start.rescaler_start(params)
+  p = resample_start.rescaler_start(params, smooth_levels=0)
   x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   lr = model.apply({"params": p}, x, method=model.encode)
   np.testing.assert_allclose(lr, x.reshape(2, 4, 8, 4, 8, 3).mean((2, 4)), atol=1e-5)
   q = np.asarray(quantizer.quantize(lr))
   hr, _ = model.apply({"params": p}, q, method=model.decode)
   np.testing.assert_allclose(hr, np.repeat(np.repeat(q, 8, 1), 8, 2), atol=1e-5)
+
+  def up_smooth(a):  # x2 repetition, then the 3x3 tent with zero padding
+    a = np.pad(np.repeat(np.repeat(a, 2, 1), 2, 2), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = a.shape[1] - 2, a.shape[2] - 2
+    return sum(resample_start.TENT[i, j] * a[:, i:i + h, j:j + w]
+               for i in range(3) for j in range(3))
+
+  smooth = resample_start.rescaler_start(params)  # 4 -> 8 -> 16 -> 32: the last two smoothed
+  hr, _ = model.apply({"params": smooth}, q, method=model.decode)
+  np.testing.assert_allclose(hr, up_smooth(up_smooth(np.repeat(np.repeat(q, 2, 1), 2, 2))),
+                             atol=1e-5)
   rdb_last = p["decoder"]["level0_RRDB_0"]["RDB1"]["conv5"]["kernel"]
   assert not rdb_last.any()
   # The input params are left as they were; other weights keep their random values.
@@ -202,8 +215,8 @@ def test_fusion_resample_start_passes_the_decoder_image_through():
   from tiny_config import tiny_model
   model = Fusion.from_config(tiny_model())
   rng = np.random.default_rng(0)
-  dec = [jnp.asarray(rng.uniform(0, 2, (2, s, s, 8)), jnp.float32) for s in (8, 16, 32)]
+  dec = [jnp.asarray(rng.uniform(-1, 1, (2, s, s, 8)), jnp.float32) for s in (8, 16, 32)]
   g = [jnp.asarray(rng.standard_normal((2, s, s, c)), jnp.float32) for s, c in ((8, 32), (16, 16), (32, 8))]
   params = model.init(jax.random.key(0), dec, g)["params"]
   out = model.apply({"params": resample_start.fusion_start(params, model)}, dec, g)
-  np.testing.assert_allclose(out, dec[-1][..., :3] - 1.0, atol=1e-5)
+  np.testing.assert_allclose(out, dec[-1][..., :3], atol=1e-5)

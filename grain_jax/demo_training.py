@@ -1,6 +1,13 @@
 """The CPU demo (`grain-jax train --config demo`, grain_jax/configs/demo.py): data from
 scikit-image, the four stages in turn, a final evaluation on held-out crops against the
-bicubic baseline."""
+bicubic baseline.
+
+With `demo_budget_s` > 0 the whole demo (data, four stages, evaluation) takes about that
+long on any machine: before each stage, what is left of the budget (less a reserve for the
+evaluation) is split among the remaining stages by `stage_budget_share`, and the stage trains
+for as many steps as fit (trainer.time_budget_s). The steps each stage ran are printed and
+recorded in metrics.json, with the command that reruns them as fixed step counts.
+"""
 from __future__ import annotations
 
 import logging
@@ -46,11 +53,14 @@ def prepare_data(cfg, root: str) -> tuple[str, str]:
   return train, heldout
 
 
-def stage_config(cfg, stage: str, train: str, heldout: str, previous: str):
-  """The demo's config for one stage: that stage's recipe, the demo's data, steps, losses."""
+def stage_config(cfg, stage: str, train: str, heldout: str, previous: str,
+                 budget_s: float = 0.0):
+  """The demo's config for one stage: that stage's recipe, the demo's data, steps (or a time
+  budget, with max_steps as a cap), losses."""
   c = ml_collections.ConfigDict(cfg.to_dict())
   c.stage = stage
-  c.max_steps = cfg.stage_steps[stage]
+  c.max_steps = cfg.stage_max_steps if budget_s > 0 else cfg.stage_steps[stage]
+  c.time_budget_s = budget_s
   c.learning_rate = cfg.stage_learning_rate[stage]
   c.d_every = stages.get(stage).d_every
   c.loss.update(cfg.stage_loss[stage])
@@ -60,17 +70,32 @@ def stage_config(cfg, stage: str, train: str, heldout: str, previous: str):
   return c
 
 
-def comparison(loaded, heldout: str, out_path: str, n: int = 4) -> None:
-  """Rows of held-out crops: input | bicubic baseline | hr_inv | hr_gan | hr."""
-  from grain_jax import datasets, metrics
+def comparison(loaded, heldout: str, out_path: str, untrained_prior: bool, n: int = 4,
+               scale: int = 3) -> None:
+  """One row per held-out picture (its first crop; up to n): LR (nearest) | bicubic |
+  hr_inv | hr_gan | hr | ground truth, enlarged `scale` times, with each panel's PSNR;
+  hr_gan is labelled as coming from an untrained prior if it does."""
+  from grain_jax import datasets, metrics, report
 
   src = datasets.FolderSource(heldout)
-  x = np.stack([images.to_model(src.load(i)[0]) for i in range(min(n, len(src)))])
-  out = loaded.upscale(loaded.downscale(x))
-  cols = [x, np.asarray(metrics.bicubic_baseline(x, loaded.lr_size)[1])]
-  cols += [np.asarray(out[k]) for k in ("hr_inv", "hr_gan", "hr")]
-  rows = [np.concatenate([images.to_uint8(c[i]) for c in cols], 1) for i in range(len(x))]
-  images.write_png(out_path, np.concatenate(rows, 0))
+  first = {}  # crops are named PICTURE_i_j.png
+  for i in range(len(src)):
+    first.setdefault(src.name(i).rsplit("_", 2)[0], i)
+  picks = list(first.values())[:n]
+  x = np.stack([images.to_model(src.load(i)[0]) for i in picks])
+  lr = loaded.downscale(x)
+  out = {k: np.asarray(v) for k, v in loaded.upscale(lr).items()}
+  out["lr"], out["gt"] = np.asarray(lr), x
+  out["bicubic"] = np.asarray(metrics.bicubic_baseline(x, loaded.lr_size)[1])
+  rows, psnrs = [], []
+  for i in range(len(x)):
+    rows.append({k: images.to_uint8(out[k][i]) for k in ("lr", "bicubic", "hr_inv", "hr_gan",
+                                                           "hr", "gt")})
+    gt = rows[-1]["gt"].astype(np.float32)
+    psnrs.append({k: float(metrics.psnr(rows[-1][k].astype(np.float32)[None], gt[None])[0])
+                  for k in ("bicubic", "hr_inv", "hr_gan", "hr")})
+  images.write_png(out_path, report.comparison_grid(
+      rows, scale, psnrs, {"hr_gan": "untrained prior"} if untrained_prior else None))
 
 
 def run(cfg, workdir: str, progress: bool = True) -> dict:
@@ -82,16 +107,33 @@ def run(cfg, workdir: str, progress: bool = True) -> dict:
     return _run(cfg, workdir, progress, t0)
 
 
+def _stage_budget(cfg, t0: float, stage: str, remaining_stages) -> float:
+  """This stage's seconds: its share of what is left of the demo's budget (0: fixed steps)."""
+  if cfg.demo_budget_s <= 0:
+    return 0.0
+  left = t0 + cfg.demo_budget_s - cfg.demo_eval_reserve_s - time.perf_counter()
+  shares = [cfg.stage_budget_share[s] for s in remaining_stages]
+  return max(1.0, left * cfg.stage_budget_share[stage] / sum(shares))
+
+
 def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
-  from grain_jax import datasets, evaluate, inference, trainer
+  from grain_jax import datasets, evaluate, inference, trainer, weights
 
   train, heldout = prepare_data(cfg, os.path.join(workdir, "data"))
-  previous = ""
+  previous, ran = "", []
   for k, stage in enumerate(cfg.stages, 1):
     stage_dir = os.path.join(workdir, f"stage{k}_{stage}")
-    log.info("stage %d/%d: %s (%d steps)", k, len(cfg.stages), stage, cfg.stage_steps[stage])
-    m = trainer.train_and_evaluate(stage_config(cfg, stage, train, heldout, previous),
-                                   stage_dir, progress)
+    budget = _stage_budget(cfg, t0, stage, cfg.stages[k - 1:])
+    log.info("stage %d/%d: %s (%s)", k, len(cfg.stages), stage,
+             f"{budget:.0f} s budget" if budget else f"{cfg.stage_steps[stage]} steps")
+    t = time.perf_counter()
+    m = trainer.train_and_evaluate(
+        stage_config(cfg, stage, train, heldout, previous, budget), stage_dir, progress,
+        started=trainer._now())
+    steps = weights.read_meta(os.path.join(stage_dir, "weights"))["sources"]["trained_steps"]
+    ran.append({"stage": stage, "steps": steps, "seconds": round(time.perf_counter() - t, 1)})
+    print(f"stage {k}/{len(cfg.stages)} {stage}: {steps} steps in {ran[-1]['seconds']:.0f} s",
+          flush=True)
     out = stages.get(stage).output
     if m:
       log.info("stage %s: held-out %s PSNR %.2f dB (bicubic %.2f dB)", stage, out,
@@ -99,18 +141,28 @@ def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
     previous = stage_dir
   loaded = inference.load(previous)
   ev = evaluate.Evaluator(loaded.model, loaded.variables, None,
-                          evaluate.lpips_variables("auto", loaded))
+                          evaluate.lpips_variables("auto", loaded),
+                          skip_reasons={"id": "no IR-SE50 weights in the demo",
+                                        "fid": "no InceptionV3 weights in the demo"})
   m = evaluate.evaluate(ev, datasets.FolderSource(heldout), os.path.join(workdir, "eval"),
                         progress=False)
+  # The generator is never trained by the demo: it is random unless init.weights has one.
+  untrained = not (cfg.init.weights and "generator" in weights.read_meta(
+      inference.weights_dir(cfg.init.weights))["networks"])
+  comparison(loaded, heldout, os.path.join(workdir, "comparison.png"), untrained)
+  seconds = time.perf_counter() - t0
+  m = dict(m, demo_seconds=round(seconds, 1), demo_budget_s=cfg.demo_budget_s, stages=ran,
+           rerun=("grain-jax train --config demo --workdir WORKDIR --config.demo_budget_s=0 "
+                  + " ".join(f"--config.stage_steps.{r['stage']}={r['steps']}" for r in ran)))
   files.write_json(os.path.join(workdir, "metrics.json"), m)
-  comparison(loaded, heldout, os.path.join(workdir, "comparison.png"))
-  minutes = (time.perf_counter() - t0) / 60
   hr, lr = loaded.hr_size, loaded.lr_size
-  print(f"demo finished in {minutes:.1f} min; {m['num_images']} held-out {hr}x{hr} crops via "
-        f"{lr}x{lr} 8-bit LR:")
-  print(f"  GRAIN    hr PSNR {m['hr_psnr']:.2f} dB  SSIM {m['hr_ssim']:.4f}")
+  print(f"demo finished in {seconds / 60:.1f} min; {m['num_images']} held-out {hr}x{hr} crops "
+        f"via {lr}x{lr} 8-bit LR:")
+  print(f"  GRAIN    hr PSNR {m['hr_psnr']:.2f} dB  SSIM {m['hr_ssim']:.4f}  "
+        f"(hr_inv {m['hr_inv_psnr']:.2f} dB, SSIM {m['hr_inv_ssim']:.4f})")
   print(f"  bicubic     PSNR {m['bicubic_psnr']:.2f} dB  SSIM {m['bicubic_ssim']:.4f}  "
         f"(GRAIN {m['hr_psnr'] - m['bicubic_psnr']:+.2f} dB)")
-  print(f"wrote {os.path.join(workdir, 'metrics.json')} and "
-        f"{os.path.join(workdir, 'comparison.png')}")
+  print(f"wrote {os.path.join(workdir, 'metrics.json')}")
+  print(f"picture: {os.path.join(workdir, 'comparison.png')} (LR | bicubic | hr_inv | hr_gan | "
+        f"hr | ground truth, one held-out picture per row)")
   return m

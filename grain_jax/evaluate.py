@@ -256,22 +256,20 @@ def metric_networks(loaded=None, identity: str = "auto", fid: str = "auto",
 
 
 def save_images(out_dir: str, name: str, res: dict[str, np.ndarray],
-                thumbnails: bool = False) -> None:
+                thumbnails: bool = False, psnrs: dict | None = None) -> None:
   """One image's outputs (those that were computed) in the original test script's folders
-  (lr/, invrrdb/, stylegan/, fusion/) and bicubic/, gt/; comp/ holds the panels of
-  report_page.COLUMNS side by side, the LR enlarged with nearest neighbour. thumbnails: also the
+  (lr/, invrrdb/, stylegan/, fusion/) and bicubic/, gt/; comp/ holds the labelled panels of
+  report.comparison_grid (with `psnrs`, {output: dB}, under them). thumbnails: also the
   report's thumbnails."""
-  hr = res["img_gt"].shape[0]
-  panels = []
+  panels = {}
   for key, folder in FOLDERS.items():
     if f"img_{key}" in res:
-      img = res[f"img_{key}"]
-      images.write_png(os.path.join(out_dir, folder, name), img)
+      panels[key] = res[f"img_{key}"]
+      images.write_png(os.path.join(out_dir, folder, name), panels[key])
       if thumbnails:
-        report_page.write_thumbnail(out_dir, folder, name, img)
-      panels.append(img if img.shape[0] == hr else
-                    np.repeat(np.repeat(img, hr // img.shape[0], 0), hr // img.shape[1], 1))
-  images.write_png(os.path.join(out_dir, "comp", name), np.concatenate(panels, 1))
+        report_page.write_thumbnail(out_dir, folder, name, panels[key])
+  images.write_png(os.path.join(out_dir, "comp", name),
+                   report_page.comparison_grid([panels], psnrs=[psnrs] if psnrs else None))
 
 
 class _PngNames:
@@ -480,9 +478,10 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
           features[k][i] = host[f"features_{k}"][j]
         if ev.with_images:
           png_names[i] = png_name(name)
-          writes.append(writer.submit(save_images, out_dir, png_names[i],
-                                      {k: v[j] for k, v in host.items() if k.startswith("img_")},
-                                      write_report))
+          writes.append(writer.submit(
+              save_images, out_dir, png_names[i],
+              {k: v[j] for k, v in host.items() if k.startswith("img_")}, write_report,
+              {k: mine[i][f"{k}_psnr"] for k in ev.outputs + ("bicubic",)}))
       bar.update(len(names))
 
     _run(ev, source, mine_range, workers, report, on_batch, bar)

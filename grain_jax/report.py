@@ -6,7 +6,8 @@ means, a per-image PSNR plot against bicubic, and a sortable, paginated table of
 with its thumbnails (OUT/thumbs/<folder>/<stem>.jpg, written by `write_thumbnail`) linking to
 the full-size PNGs. Every link is relative, so the folder can be moved or served as it is.
 The rows travel as inline JSON and are rendered a page at a time, so a 5000-image report does
-not build 30000 <img> elements at once.
+not build 30000 <img> elements at once. `comparison_grid` draws the labelled panels (in
+COLUMNS' order) of every comparison picture the project writes.
 """
 from __future__ import annotations
 
@@ -61,6 +62,47 @@ def write_thumbnail(out_dir: str, column_folder: str, png_name: str, u8: np.ndar
   path = os.path.join(out_dir, *thumbnail_path(column_folder, png_name).split("/"))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   Image.fromarray(thumbnail(u8)).save(path, format="JPEG", quality=90)
+
+
+def comparison_grid(rows: list[dict], scale: int = 1, psnrs: list[dict] | None = None,
+                    notes: dict | None = None, columns=COLUMNS) -> np.ndarray:
+  """The project's comparison picture: one row per image, the panels of `columns` in their
+  order (LR enlarged to the HR size with nearest neighbour), each enlarged `scale` times
+  (nearest, so pixels stay pixels), under a header of labelled columns.
+
+  rows: {image key: HxWx3 uint8}; a key no row has is left out. psnrs: per row {key: dB},
+  printed under the panel. notes: {key: text} appended to a label (e.g. 'untrained prior').
+  """
+  from PIL import ImageDraw, ImageFont
+
+  keys = [(k, label) for k, _, label in columns if any(k in r for r in rows)]
+  hr = max(r[k].shape[0] for r in rows for k, _ in keys)
+  side = hr * scale
+  font_px = max(11, min(28, side // 14))
+  try:
+    font = ImageFont.load_default(size=font_px)
+  except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+    font = ImageFont.load_default()
+  line = font_px + 6
+  head = 2 * line if notes else line
+  foot = line if psnrs else 0
+  canvas = Image.new("RGB", (side * len(keys), head + len(rows) * (side + foot)), "white")
+  draw = ImageDraw.Draw(canvas)
+  for j, (k, label) in enumerate(keys):
+    draw.text((j * side + 4, 3), label, fill="black", font=font)
+    if notes and notes.get(k):
+      draw.text((j * side + 4, 3 + line), notes[k], fill=(170, 0, 0), font=font)
+  for i, r in enumerate(rows):
+    top = head + i * (side + foot)
+    for j, (k, _) in enumerate(keys):
+      if k not in r:
+        continue
+      img = Image.fromarray(np.asarray(r[k], np.uint8))
+      canvas.paste(img.resize((side, side), Image.NEAREST), (j * side, top))
+      if psnrs and psnrs[i].get(k) is not None:
+        draw.text((j * side + 4, top + side + 2), f"PSNR {psnrs[i][k]:.2f} dB", fill="black",
+                  font=font)
+  return np.asarray(canvas)
 
 
 def _num(v) -> float | None:

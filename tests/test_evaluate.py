@@ -88,8 +88,11 @@ def test_metrics_match_an_independent_computation_from_the_files(evaluator, smal
       assert abs(float(row[f"{key}_psnr"])
                  - skimage.metrics.peak_signal_noise_ratio(gt, got, data_range=255)) < 1e-3
       assert abs(float(row[f"{key}_ssim"]) - _ssim(gt, got)) < 1e-4
-    # comp: LR (nearest) | bicubic | hr_inv | hr_gan | hr | ground truth
+    # comp: labels, then LR (nearest) | bicubic | hr_inv | hr_gan | hr | ground truth, PSNRs
     comp = _png(out / "comp" / name)
+    assert comp.shape[1] == 6 * hr
+    head = (comp.shape[0] - hr) // 2  # the label strip above is as high as the PSNR strip below
+    comp = comp[head:head + hr]
     np.testing.assert_array_equal(comp[:, 5 * hr:], gt)
     np.testing.assert_array_equal(_png(out / "gt" / name), gt)
     np.testing.assert_array_equal(comp[:, 4 * hr:5 * hr], _png(out / "fusion" / name))

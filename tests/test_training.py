@@ -123,6 +123,16 @@ def test_changed_config_is_refused_on_resume(pictures, tmp_path):
   trainer.train_and_evaluate(_cfg(pictures, max_steps=3, log_every=3), str(tmp_path),
                              progress=False)
   assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 3
+  # A config saved before loss.ssim existed matches loss.ssim 0 (what that version did),
+  # not another value.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["loss"]["ssim"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(trainer.ConfigMismatchError, match=r"loss.ssim: checkpoint 0.0, now 0.5"):
+    trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.ssim": 0.5}),
+                               str(tmp_path), progress=False)
+  trainer.train_and_evaluate(_cfg(pictures, max_steps=4), str(tmp_path), progress=False)
+  assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 4
 
 
 def test_stage_two_starts_from_stage_one_and_trains_only_fea2code(pictures, tmp_path):
@@ -202,3 +212,58 @@ def test_train_py_with_overrides(pictures, tmp_path):
   import grain_jax
   m = grain_jax.load(str(tmp_path / "w"))  # a training workdir loads like converted weights
   assert m.downscale(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 4, 4, 3)
+
+
+def test_a_time_budget_sets_the_steps_and_a_fixed_run_of_that_length_is_identical(
+    pictures, tmp_path, monkeypatch):
+  """time_budget_s: the step time measured after the compiling step decides the run's length
+  and the cosine schedule's; rerun with that many fixed steps, the weights are bit-identical
+  (the probe ends inside the warmup). The clock is driven: compiling step done at 100 s, the
+  5 probe steps at 105 s (1 s/step), budget 120 s -> 6 + int((120 - 105 - 3.4) / 1) = 17."""
+  import jax
+
+  import grain_jax
+  from grain_jax import trainer
+
+  base = {"data.train": pictures, "lr_schedule": "cosine", "warmup_steps": 10,
+          "checkpoint_every": 0, "log_every": 1}
+  clock = iter([100.0, 105.0])
+  monkeypatch.setattr(trainer, "_now", lambda: next(clock))
+  budget = _cfg(pictures, **base, max_steps=1000, time_budget_s=120.0)
+  trainer.train_and_evaluate(budget, str(tmp_path / "budget"), progress=False, started=0.0)
+  assert [r["step"] for r in _log(tmp_path / "budget")] == list(range(1, 18))
+  monkeypatch.undo()
+  trainer.train_and_evaluate(_cfg(pictures, **base, max_steps=17), str(tmp_path / "fixed"),
+                             progress=False)
+  a, b = (grain_jax.load(str(tmp_path / w)) for w in ("budget", "fixed"))
+  assert a.meta["sources"]["trained_steps"] == b.meta["sources"]["trained_steps"] == 17
+  for x, y in zip(*(jax.tree_util.tree_leaves(m.variables) for m in (a, b))):
+    np.testing.assert_array_equal(x, y)
+  assert _log(tmp_path / "budget") == _log(tmp_path / "fixed")
+
+
+def test_demo_pipeline_with_fixed_steps(tmp_path, capsys):
+  """The quick start's job at a tiny size: four stages, the evaluation, metrics.json with the
+  steps each stage ran and the command that reruns them, and the labelled comparison."""
+  from grain_jax import demo_training
+  from grain_jax.configs import demo
+  from tiny_config import tiny_model
+
+  cfg = demo.get_config()
+  cfg.model = tiny_model()
+  cfg.demo_budget_s = 0.0
+  cfg.stage_steps = dict(invrrdb=3, fea2code=2, fusion=2, finetune=2)
+  cfg.batch_size = 2
+  cfg.demo_train_images = ("astronaut", "coffee")
+  cfg.demo_heldout_images = ("chelsea", "coins")
+  m = demo_training.run(cfg, str(tmp_path / "demo"), progress=False)
+  out = capsys.readouterr().out
+  assert [r["steps"] for r in m["stages"]] == [3, 2, 2, 2]
+  assert "stage 1/4 invrrdb: 3 steps in" in out and "GRAIN    hr PSNR" in out
+  assert m["rerun"].endswith("--config.stage_steps.invrrdb=3 --config.stage_steps.fea2code=2 "
+                             "--config.stage_steps.fusion=2 --config.stage_steps.finetune=2")
+  saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+  assert saved["stages"] == m["stages"] and saved["hr_psnr"] == m["hr_psnr"]
+  grid = np.asarray(Image.open(tmp_path / "demo" / "comparison.png"))
+  # Two held-out pictures -> two rows of six 32 px panels enlarged 3x, with label strips.
+  assert grid.shape[1] == 6 * 96 and grid.shape[0] > 2 * 96

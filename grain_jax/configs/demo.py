@@ -17,6 +17,13 @@ def get_config():
   c = training_config("invrrdb", model=grain_small())
   c.demo = True  # grain-jax train runs every stage in `stages`, then a final evaluation
   c.stages = stages.NAMES
+  # A time budget: the whole demo (data, four stages, evaluation) takes about this long on
+  # any machine; each stage trains for as many steps as fit in its share of what is left
+  # (the steps are printed and recorded in metrics.json). 0: the fixed stage_steps below.
+  c.demo_budget_s = 480.0
+  c.demo_eval_reserve_s = 30.0  # kept for the final evaluation and comparison.png
+  c.stage_budget_share = dict(invrrdb=0.7, fea2code=0.04, fusion=0.1, finetune=0.16)
+  c.stage_max_steps = 100000    # a stage's cap under the budget
   c.stage_steps = dict(invrrdb=520, fea2code=30, fusion=60, finetune=30)
   c.stage_learning_rate = dict(invrrdb=1e-3, fea2code=1e-3, fusion=5e-4, finetune=1e-4)
   # PSNR-oriented demo: the L2 terms only. LPIPS, identity and the adversarial terms are
@@ -56,6 +63,8 @@ def get_config():
   c.log_every = 50
   c.image_every = 0
   c.eval_every = 0          # each stage is validated once, at its end
-  c.checkpoint_every = 150
+  # One checkpoint, at the end of each stage: a save and export costs seconds, which the
+  # time budget would otherwise lose to them (an interrupted demo reruns its stage).
+  c.checkpoint_every = 0
   c.keep_checkpoints = 1
   return c

@@ -22,7 +22,9 @@ SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "as
 
 def run(out: str, seed: int = 0) -> int:
   """The round trip into folder `out`; returns 0 if the PNG path matches the in-memory one."""
-  from grain_jax import files, images
+  import jax.numpy as jnp
+
+  from grain_jax import files, images, metrics, report
   from grain_jax.configs.model import grain_small
   from grain_jax.inference import LoadedModel, read_image
   from grain_jax.model import GRAIN, init_variables, per_network_variables
@@ -56,14 +58,17 @@ def run(out: str, seed: int = 0) -> int:
 
   exact = all(np.array_equal(out_mem[k], out_png[k]) for k in out_mem)
   to_u8 = lambda a: images.to_uint8(a[0])
-  lr_big = np.asarray(Image.fromarray(lr_to_uint8(lr)[0]).resize((hr, hr), Image.NEAREST))
-  panel = np.concatenate([to_u8(x), lr_big]
-                         + [to_u8(out_png[k]) for k in ("hr_inv", "hr_gan", "hr")], 1)
-  Image.fromarray(panel).save(os.path.join(out, "comparison.png"))
+  # The project's comparison layout (report.COLUMNS), 3x enlarged; the weights are random.
+  panels = {"lr": lr_to_uint8(lr)[0],
+            "bicubic": to_u8(metrics.bicubic_baseline(jnp.asarray(x), cfg.lr_size)[1]),
+            **{k: to_u8(out_png[k]) for k in ("hr_inv", "hr_gan", "hr")}, "gt": to_u8(x)}
+  notes = {k: "random weights" for k in ("hr_inv", "hr_gan", "hr")}
+  images.write_png(os.path.join(out, "comparison.png"),
+                   report.comparison_grid([panels], 3, notes=notes))
   print(f"{hr}x{hr} -> {cfg.lr_size}x{cfg.lr_size} -> {hr}x{hr} with random weights, "
         f"{elapsed:.1f} s incl. compilation")
   print(f"wrote {lr_path} and {os.path.join(out, 'comparison.png')} "
-        f"(input | LR | hr_inv | hr_gan | hr)")
+        f"(LR | bicubic | hr_inv | hr_gan | hr | input)")
   print(f"upscaling the saved PNG equals the in-memory result: {exact}")
   print(f"random-weights checkpoint for the other commands: {weights_dir}, e.g.\n"
         f"  grain-jax down --checkpoint {weights_dir} {SAMPLE} --out {os.path.join(out, 'lr')}")

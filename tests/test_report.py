@@ -5,8 +5,6 @@ import html.parser
 import json
 import math
 import os
-import shutil
-import subprocess
 import time
 import urllib.parse
 
@@ -196,50 +194,49 @@ def test_report_empty_summary(tmp_path):
   assert "No mean metrics" in page and "no plot" in page and page.count("<circle") == 0
 
 
-NODE_HARNESS = r"""
-const fs = require("fs");
-const page = fs.readFileSync(process.argv[2], "utf8");
-const data = page.match(/<script type="application\/json" id="rows-data">([\s\S]*?)<\/script>/)[1];
-const code = page.match(/<script>([\s\S]*?)<\/script>/)[1];
-function el(ds) { return {innerHTML: "", className: "", dataset: ds || {}, on: {},
-  addEventListener(t, f) { this.on[t] = f; }}; }
-const tbody = el(), pagers = [el(), el()];
-const ths = JSON.parse(process.argv[3]).map(k => el({key: k}));
-global.document = {
-  getElementById: id => id === "rows-data" ? {textContent: data} : id === "rows" ? tbody : null,
-  querySelectorAll: s => s === ".pager" ? pagers : s === "th.sort" ? ths : []};
-eval(code);
-const shown = () => [...tbody.innerHTML.matchAll(/<tr><td class=num>(\d+)<\/td>/g)].map(m => +m[1]);
-const out = [{shown: shown(), html: tbody.innerHTML, pager: pagers[1].innerHTML}];
-for (const [act, arg] of JSON.parse(process.argv[4])) {
-  if (act === "click") ths.find(t => t.dataset.key === arg).on.click();
-  if (act === "page") pagers[0].on.click({target: {dataset: {page: String(arg)}, disabled: false}});
-  if (act === "size") pagers[0].on.change({target: {value: String(arg)}});
-  out.push({shown: shown(), classes: ths.map(t => t.className), pager: pagers[0].innerHTML});
+# The page's table script, run by QuickJS (the `quickjs` wheel, a test requirement) against a
+# minimal DOM; `run` returns the rows shown after each action.
+JS_HARNESS = r"""
+function run(page, keysJson, actionsJson) {
+  const data = page.match(/<script type="application\/json" id="rows-data">([\s\S]*?)<\/script>/)[1];
+  const code = page.match(/<script>([\s\S]*?)<\/script>/)[1];
+  function el(ds) { return {innerHTML: "", className: "", dataset: ds || {}, on: {},
+    addEventListener(t, f) { this.on[t] = f; }}; }
+  const tbody = el(), pagers = [el(), el()];
+  const ths = JSON.parse(keysJson).map(k => el({key: k}));
+  globalThis.document = {
+    getElementById: id => id === "rows-data" ? {textContent: data} : id === "rows" ? tbody : null,
+    querySelectorAll: s => s === ".pager" ? pagers : s === "th.sort" ? ths : []};
+  (0, eval)(code);
+  const shown = () => [...tbody.innerHTML.matchAll(/<tr><td class=num>(\d+)<\/td>/g)].map(m => +m[1]);
+  const out = [{shown: shown(), html: tbody.innerHTML, pager: pagers[1].innerHTML}];
+  for (const [act, arg] of JSON.parse(actionsJson)) {
+    if (act === "click") ths.find(t => t.dataset.key === arg).on.click();
+    if (act === "page") pagers[0].on.click({target: {dataset: {page: String(arg)}, disabled: false}});
+    if (act === "size") pagers[0].on.change({target: {value: String(arg)}});
+    out.push({shown: shown(), classes: ths.map(t => t.className), pager: pagers[0].innerHTML});
+  }
+  return JSON.stringify(out);
 }
-console.log(JSON.stringify(out));
 """
 
 
-def run_page_script(tmp_path, path, actions):
-  """Runs the page's table script under node with a minimal DOM; the rows shown after each
-  action."""
-  harness = tmp_path / "harness.js"
-  harness.write_text(NODE_HARNESS)
+def run_page_script(path, actions):
+  """Runs the page's table script with a minimal DOM; the rows shown after each action."""
+  import quickjs
+
+  ctx = quickjs.Context()
+  ctx.eval(JS_HARNESS)
   keys = Page(read(path)).sort_keys
-  res = subprocess.run(["node", str(harness), path, json.dumps(keys), json.dumps(actions)],
-                       capture_output=True, text=True, timeout=60, check=False)
-  assert res.returncode == 0, res.stderr
-  return json.loads(res.stdout)
+  return json.loads(ctx.get("run")(read(path), json.dumps(keys), json.dumps(actions)))
 
 
-@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
 def test_table_script_sorts_and_pages(tmp_path):
   folders = ["lr", "bicubic", "invrrdb", "fusion", "gt"]
   summary, rows, pngs = make_out(tmp_path, NAMES, folders)
   path = report.write_report(str(tmp_path), summary, rows, pngs)
   first, asc, desc, by_name = run_page_script(
-      tmp_path, path, [["click", "hr_psnr"], ["click", "hr_psnr"], ["click", "file"]])
+      path, [["click", "hr_psnr"], ["click", "hr_psnr"], ["click", "file"]])
   assert first["shown"] == [1, 2, 3]
   assert asc["shown"] == [1, 3, 2] and desc["shown"] == [3, 1, 2]  # NaN last both ways
   assert by_name["shown"] == [1, 3, 2]  # "a face…" < "q&a…" < "x/y.jpg"
@@ -255,7 +252,7 @@ def test_table_script_sorts_and_pages(tmp_path):
   rows[5]["hr_psnr"] = math.nan
   path = report.write_report(str(tmp_path), summary, rows, names)
   first, page2, last, big, sort_desc = run_page_script(
-      tmp_path, path, [["page", 1], ["page", 2], ["size", 250], ["click", "hr_psnr"]])
+      path, [["page", 1], ["page", 2], ["size", 250], ["click", "hr_psnr"]])
   assert first["shown"] == list(range(1, 101)) and page2["shown"] == list(range(101, 201))
   assert last["shown"] == list(range(201, 251)) and "disabled>next" in last["pager"]
   assert big["shown"] == list(range(1, 251))

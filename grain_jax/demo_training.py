@@ -70,32 +70,30 @@ def stage_config(cfg, stage: str, train: str, heldout: str, previous: str,
   return c
 
 
-def comparison(loaded, heldout: str, out_path: str, untrained_prior: bool, n: int = 4,
+def comparison(eval_dir: str, out_path: str, untrained_prior: bool, n: int = 4,
                scale: int = 3) -> None:
   """One row per held-out picture (its first crop; up to n): LR (nearest) | bicubic |
   hr_inv | hr_gan | hr | ground truth, enlarged `scale` times, with each panel's PSNR;
-  hr_gan is labelled as coming from an untrained prior if it does."""
-  from grain_jax import datasets, metrics, report
+  hr_gan is labelled as coming from an untrained prior if it does. Made from the final
+  evaluation's images and per_image.csv (nothing is computed twice)."""
+  import csv
 
-  src = datasets.FolderSource(heldout)
-  first = {}  # crops are named PICTURE_i_j.png
-  for i in range(len(src)):
-    first.setdefault(src.name(i).rsplit("_", 2)[0], i)
-  picks = list(first.values())[:n]
-  x = np.stack([images.to_model(src.load(i)[0]) for i in picks])
-  lr = loaded.downscale(x)
-  out = {k: np.asarray(v) for k, v in loaded.upscale(lr).items()}
-  out["lr"], out["gt"] = np.asarray(lr), x
-  out["bicubic"] = np.asarray(metrics.bicubic_baseline(x, loaded.lr_size)[1])
-  rows, psnrs = [], []
-  for i in range(len(x)):
-    rows.append({k: images.to_uint8(out[k][i]) for k in ("lr", "bicubic", "hr_inv", "hr_gan",
-                                                           "hr", "gt")})
-    gt = rows[-1]["gt"].astype(np.float32)
-    psnrs.append({k: float(metrics.psnr(rows[-1][k].astype(np.float32)[None], gt[None])[0])
-                  for k in ("bicubic", "hr_inv", "hr_gan", "hr")})
+  from PIL import Image
+
+  from grain_jax import report
+
+  with open(os.path.join(eval_dir, "per_image.csv"), newline="") as f:
+    first = {}  # crops are named PICTURE_i_j.png
+    for row in csv.DictReader(f):
+      first.setdefault(row["file"].rsplit("_", 2)[0], row)
+  panels, psnrs = [], []
+  for row in list(first.values())[:n]:
+    png = os.path.splitext(row["file"])[0] + ".png"
+    panels.append({key: np.asarray(Image.open(os.path.join(eval_dir, folder, png)).convert("RGB"))
+                   for key, folder, _ in report.COLUMNS})
+    psnrs.append({k: float(row[f"{k}_psnr"]) for k in ("bicubic", "hr_inv", "hr_gan", "hr")})
   images.write_png(out_path, report.comparison_grid(
-      rows, scale, psnrs, {"hr_gan": "untrained prior"} if untrained_prior else None))
+      panels, scale, psnrs, {"hr_gan": "untrained prior"} if untrained_prior else None))
 
 
 def run(cfg, workdir: str, progress: bool = True) -> dict:
@@ -141,7 +139,7 @@ def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
     previous = stage_dir
   loaded = inference.load(previous)
   ev = evaluate.Evaluator(loaded.model, loaded.variables, None,
-                          evaluate.lpips_variables("auto", loaded),
+                          evaluate.lpips_variables("auto", loaded), with_images=True,
                           skip_reasons={"id": "no IR-SE50 weights in the demo",
                                         "fid": "no InceptionV3 weights in the demo"})
   m = evaluate.evaluate(ev, datasets.FolderSource(heldout), os.path.join(workdir, "eval"),
@@ -149,7 +147,8 @@ def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
   # The generator is never trained by the demo: it is random unless init.weights has one.
   untrained = not (cfg.init.weights and "generator" in weights.read_meta(
       inference.weights_dir(cfg.init.weights))["networks"])
-  comparison(loaded, heldout, os.path.join(workdir, "comparison.png"), untrained)
+  comparison(os.path.join(workdir, "eval"), os.path.join(workdir, "comparison.png"),
+             untrained)
   seconds = time.perf_counter() - t0
   m = dict(m, demo_seconds=round(seconds, 1), demo_budget_s=cfg.demo_budget_s, stages=ran,
            rerun=("grain-jax train --config demo --workdir WORKDIR --config.demo_budget_s=0 "

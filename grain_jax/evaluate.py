@@ -381,7 +381,7 @@ def set_metrics(ev: Evaluator, features: dict, reference: dict | None = None) ->
   for k in ev.set_outputs:
     mu, sigma = inception.statistics(features[k])
     with warnings.catch_warnings():  # scipy's singular-matrix warning: the note above says it
-      warnings.simplefilter("ignore", getattr(scipy.linalg, "LinAlgWarning", Warning))
+      warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
       res[f"{k}_fid"] = inception.frechet_distance(mu, sigma, real["mu"], real["sigma"])
     if "features" in real:
       res[f"{k}_kid"], res[f"{k}_kid_std"] = inception.kernel_inception_distance(

@@ -224,6 +224,7 @@ def metric_networks(loaded=None, identity: str = "auto", fid: str = "auto",
   """
   from grain_jax import fid as fid_lib
 
+  FLAGS = {"id": "identity", "fid": "fid"}  # skip-reason key -> the command's option
   have = loaded.networks if loaded is not None else frozenset()
   kwargs = {"lpips_params": lpips_variables(lpips, loaded), "skip_reasons": {}}
   reasons = kwargs["skip_reasons"]
@@ -233,7 +234,7 @@ def metric_networks(loaded=None, identity: str = "auto", fid: str = "auto",
   def missing(what, mode, option, why):
     if mode == "on":
       raise RuntimeError(f"{what}: {why}")
-    reasons[option] = f"--{option} off" if mode == "off" else why
+    reasons[option] = f"--{FLAGS[option]} off" if mode == "off" else why
     if mode == "auto":
       print(f"warning: {what} left out: {why}", file=sys.stderr)
 

@@ -311,6 +311,12 @@ def test_missing_metric_weights_are_named_skipped_or_refused(small_weights, fold
   assert meta["skipped_metrics"]["bicubic_lpips"] == "--lpips off"
   assert "--irse50" in meta["skipped_metrics"]["hr_inv_id"]
   assert "hr_fid" not in meta and "hr_id" not in meta
+  code = cli.main(["evaluate", "--checkpoint", small_weights, "--data", str(folder), "--out",
+                   str(tmp_path / "e4"), "--identity", "off", "--fid", "off"])
+  meta = json.loads((tmp_path / "e4" / "metrics.json").read_text())
+  assert meta["skipped_metrics"]["hr_id"] == "--identity off"
+  assert meta["skipped_metrics"]["hr_kid"] == "--fid off"
+  assert "left out" not in capsys.readouterr().err  # off: no warning
   for flag in ("--fid", "--identity"):
     code = cli.main(["evaluate", "--checkpoint", small_weights, "--data", str(folder), "--out",
                      str(tmp_path / "e2"), flag, "on"])

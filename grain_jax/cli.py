@@ -266,10 +266,7 @@ def _evaluate_run(args, extra) -> int:
   evaluate.check_output(source, args.out)
   reference = None
   if args.fid_reference and args.fid != "off":
-    reference = fid.load_statistics(args.fid_reference)
-    if reference["mu"].shape != (args.fid_dims,):
-      raise ValueError(f"{args.fid_reference}: statistics of {reference['mu'].shape[0]} "
-                       f"dimensions, but --fid_dims is {args.fid_dims}")
+    reference = fid.load_statistics(args.fid_reference, args.fid_dims)
   loaded = inference.load(args.checkpoint, args.compute_dtype)
   metric_networks = evaluate.metric_networks(loaded, args.identity, args.fid, args.inception,
                                              args.lpips)
@@ -318,23 +315,23 @@ def _fid_run(args, extra) -> int:
     if not b.endswith(".npz"):
       raise ValueError(f"--save_stats writes an .npz file; got {b}")
     files.check_can_create(os.path.dirname(os.path.abspath(b)))
-  if args.kid:
-    for p in (a, b):
-      if p.endswith(".npz") and "features" not in fid.load_statistics(p):
-        raise ValueError(f"{p}: no features stored, and KID needs them (make the file with "
-                         f"grain-jax fid --save_stats)")
-  for p in (a, b) if not args.save_stats else (a,):
-    if not p.endswith(".npz") and not os.path.isdir(p):
+  paths = (a,) if args.save_stats else (a, b)
+  # .npz files are read (and checked) once, before the network is loaded.
+  given = {p: fid.load_statistics(p, args.dims, features=args.kid)
+           for p in paths if p.endswith(".npz")}
+  for p in paths:
+    if p not in given and not os.path.isdir(p):
       raise FileNotFoundError(f"{p}: neither a folder of images nor an .npz file")
-  extractor = fid.FeatureExtractor(fid.load_inception(args.inception), args.dims,
-                                   args.batch_size)
-  stats_a = fid.statistics_of(a, extractor, args.workers)
+  extractor = (fid.FeatureExtractor(fid.load_inception(args.inception), args.dims,
+                                    args.batch_size)
+               if any(p not in given for p in paths) else None)
+  stats = [given.get(p) or fid.statistics_of(p, extractor, args.workers) for p in paths]
   if args.save_stats:
-    fid.save_statistics(b, stats_a["features"])
-    print(f"wrote the statistics of {len(stats_a['features'])} images to {b}")
+    fid.save_statistics(b, stats[0]["features"])
+    print(f"wrote the statistics of {len(stats[0]['features'])} images to {b}")
     return 0
-  res = fid.fid_and_kid(stats_a, fid.statistics_of(b, extractor, args.workers), args.kid,
-                        subsets=evaluate.KID_SUBSETS, subset_size=evaluate.KID_SUBSET_SIZE)
+  res = fid.fid_and_kid(*stats, args.kid, subsets=evaluate.KID_SUBSETS,
+                        subset_size=evaluate.KID_SUBSET_SIZE)
   print(f"FID: {res['fid']:.6f}")
   if args.kid:
     print(f"KID: {res['kid']:.6f} +- {res['kid_std']:.6f}")

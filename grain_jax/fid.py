@@ -114,8 +114,9 @@ def folder_features(folder: str, extractor: FeatureExtractor, workers: int = 4,
   return np.concatenate(out)
 
 
-def load_statistics(path: str) -> dict:
-  """{'mu', 'sigma'[, 'features'], 'path'} of a pytorch-fid .npz file."""
+def load_statistics(path: str, dims: int | None = None, features: bool = False) -> dict:
+  """{'mu', 'sigma'[, 'features'], 'path'} of a pytorch-fid .npz file; checks that they have
+  `dims` dimensions and, with features=True, that the features (for KID) are there."""
   try:
     with np.load(path) as f:
       stats = {k: np.asarray(f[k]) for k in ("mu", "sigma", "features") if k in f.files}
@@ -128,6 +129,12 @@ def load_statistics(path: str) -> dict:
   if len(d) != 1 or stats["sigma"].shape != d * 2:
     raise ValueError(f"{path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} do not "
                      f"match")
+  if dims is not None and d != (dims,):
+    raise ValueError(f"{path}: statistics of {d[0]} dimensions, but {dims} were asked for "
+                     f"(--dims / --fid_dims)")
+  if features and "features" not in stats:
+    raise ValueError(f"{path}: no features stored, and KID needs them (make the file with "
+                     f"grain-jax fid --save_stats)")
   stats["path"] = os.path.abspath(path)
   return stats
 
@@ -143,11 +150,7 @@ def statistics_of(path: str, extractor: FeatureExtractor | None, workers: int = 
                   progress: bool = True) -> dict:
   """{'mu', 'sigma'[, 'features']} of a folder of images or an .npz file."""
   if path.endswith(".npz"):
-    stats = load_statistics(path)
-    if extractor is not None and stats["mu"].shape != (extractor.dims,):
-      raise ValueError(f"{path}: statistics of {stats['mu'].shape[0]} dimensions, but "
-                       f"--dims is {extractor.dims}")
-    return stats
+    return load_statistics(path, extractor.dims if extractor else None)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: neither a folder of images nor an .npz file")
   feats = folder_features(path, extractor, workers, progress)

@@ -150,3 +150,12 @@ def test_errors_name_the_problem(setup, capsys, tmp_path):
   np.savez(bad, mean=np.zeros(64))
   code, _, err = _ours(capsys, bad, setup["b"], "--inception", setup["pth"], "--dims", 64)
   assert code == 2 and "'mu' and 'sigma'" in err
+  stats64 = tmp_path / "stats64.npz"
+  np.savez(stats64, mu=np.zeros(64), sigma=np.eye(64))
+  # Both .npz: refused before the Inception network is loaded (a missing .pth is not reached).
+  code, _, err = _ours(capsys, stats64, stats64, "--inception", missing, "--dims", 192)
+  assert code == 2 and "64 dimensions, but 192 were asked for" in err, err
+  code, _, err = _ours(capsys, stats64, stats64, "--inception", missing, "--dims", 64, "--kid")
+  assert code == 2 and "no features stored, and KID needs them" in err, err
+  code, out, err = _ours(capsys, stats64, stats64, "--inception", missing, "--dims", 64)
+  assert code == 0 and _value(out, "FID") == 0.0, err

@@ -10,7 +10,8 @@ weights of the config's shapes (the cost does not depend on the values):
   * training: seconds per step of each stage, every loss on (L2, LR-L2, LPIPS, identity,
     adversarial; --losses picks fewer), the discriminator update not included (it runs every d_every steps;
     --d_update also times a step that includes it, R1 too; --guard_cost also times the step
-    without the divergence guard, to show what skipping non-finite steps costs);
+    without the divergence guard, to show what skipping non-finite steps costs), with the
+    config's model.conv_weight_grad (bench.run(conv_weight_grad=...) sets another);
   * FLOPs per image from XLA's cost analysis of the program (its HLO, as lowered), the TFLOP/s this
     achieves, and the TFLOP/s of one large 3x3 convolution timed on the same device in the
     same run: its ratio (fraction_of_ceiling) is what stays comparable across busy machines;
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grain_jax import stages
+from grain_jax import layers, stages
 
 
 def model_config(spec: str):
@@ -270,18 +271,24 @@ def run(config: str = "1024", batch_sizes=(1,), stage_names=stages.NAMES, train_
         compute_dtype: str = "float32", remat: bool = False, repeats: int = 3,
         d_update: bool = False, checkpoint: str = "", data: str = "", max_images: int = 16,
         losses=LOSSES, compile_only: bool = False, log=print,
-        guard_cost: bool = False) -> dict:
-  """Runs the benchmark; returns the JSON-able result (see the module docstring)."""
+        guard_cost: bool = False, conv_weight_grad: str | None = None) -> dict:
+  """Runs the benchmark; returns the JSON-able result (see the module docstring).
+
+  conv_weight_grad: the model's `conv_weight_grad` (layers.CONV_WEIGHT_GRAD) for the training
+  steps; None keeps the config's ('auto' in the built-in configs)."""
   cfg = model_config(config)
   cfg.compute_dtype = compute_dtype
   cfg.remat = remat
+  if conv_weight_grad is not None:
+    cfg.conv_weight_grad = conv_weight_grad
+  wgrad = layers.conv_weight_grad_of(cfg)
   ceiling = conv_ceiling(jnp.dtype(compute_dtype), repeats)
   result = dict(device=device_description(), config=config, hr_size=int(cfg.hr_size),
                 lr_size=int(cfg.lr_size), compute_dtype=compute_dtype, remat=remat,
-                compile_only=compile_only, jax_version=jax.__version__,
+                conv_weight_grad=wgrad, compile_only=compile_only, jax_version=jax.__version__,
                 ceiling_tflops=ceiling["tflops"], ceiling=ceiling, cases=[])
   log(f"{result['device']}; GRAIN {cfg.hr_size} <-> {cfg.lr_size}, {compute_dtype}"
-      f"{', remat' if remat else ''}")
+      f"{', remat' if remat else ''}, conv weight gradients: {wgrad}")
   log(f"ceiling: one {ceiling['shape']} convolution, {ceiling['tflops']:.3f} TFLOP/s "
       f"({compute_dtype})")
   log(HEADER)

@@ -23,7 +23,7 @@ import sys
 from typing import Callable
 
 from grain_jax import (bench, configs, convert, datasets, demo, evaluate, fid, files, inception,
-                       inference, networks, rescale, stages)
+                       inference, layers, networks, rescale, stages)
 
 EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
 EXIT_ERROR = 2
@@ -405,6 +405,10 @@ def _bench_arguments(p):
   p.add_argument("--guard_cost", action="store_true",
                  help="also time each training step without the divergence guard (the "
                       "check that skips steps with a non-finite loss or update)")
+  p.add_argument("--conv_weight_grad", choices=layers.CONV_WEIGHT_GRAD, default=None,
+                 help="how convolution weight gradients are computed in the training steps "
+                      "(default: the config's, 'auto': chunked im2col matmuls for large "
+                      "convolutions on a CPU, XLA's elsewhere); run twice to compare")
   p.add_argument("--repeats", type=int, default=3,
                  help="timed calls per case, after a warm-up call (median); 0 times the first "
                       "call (compilation is never timed: programs are compiled ahead)")
@@ -444,7 +448,8 @@ def _bench_run(args, extra) -> int:
   log = (lambda *_: None) if args.json else (lambda s: print(s, flush=True))
   result = bench.run(args.config, sizes, stage_names, args.train_batch, args.compute_dtype,
                      args.remat, args.repeats, args.d_update, args.checkpoint, args.data,
-                     args.max_images, losses, args.compile_only, log, args.guard_cost)
+                     args.max_images, losses, args.compile_only, log, args.guard_cost,
+                     args.conv_weight_grad)
   if args.json:
     print(json.dumps(result, indent=1))
   return EXIT_FAILED_INPUTS if any("error" in c for c in result["cases"]) else 0

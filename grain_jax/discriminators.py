@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax.layers import (TORCH_KERNEL_INIT, EqualConv2d, EqualLinear, FusedLeakyReLU, blur,
-                              check_fir_buffer, resize_bilinear)
+from grain_jax.layers import (TORCH_KERNEL_INIT, ConvFn, EqualConv2d, EqualLinear, FusedLeakyReLU,
+                              blur, check_fir_buffer, resize_bilinear)
 from grain_jax.torch_import import TorchReader
 
 
@@ -56,6 +56,7 @@ class ConvLayer(nn.Module):
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
   use_bias: bool = True
   activate: bool = True
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
   @nn.compact
   def __call__(self, x):
@@ -67,7 +68,8 @@ class ConvLayer(nn.Module):
     else:
       stride, padding = 1, k // 2
     x = EqualConv2d(self.features, k, stride=stride, padding=padding,
-                    use_bias=self.use_bias and not self.activate, name="conv")(x)
+                    use_bias=self.use_bias and not self.activate,
+                    weight_grad=self.conv_weight_grad, name="conv")(x)
     if self.activate:
       if not self.use_bias:
         # rosinality's ConvLayer(bias=False, activate=True) is never used by the discriminator.
@@ -80,14 +82,16 @@ class ResBlock(nn.Module):
   """rosinality's ResBlock: (conv2(conv1(x)) + skip(x)) / sqrt(2), halving the resolution."""
   features: int
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
+  conv_weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    out = ConvLayer(x.shape[-1], 3, name="conv1")(x)
+    wg = self.conv_weight_grad
+    out = ConvLayer(x.shape[-1], 3, conv_weight_grad=wg, name="conv1")(x)
     out = ConvLayer(self.features, 3, downsample=True, blur_kernel=self.blur_kernel,
-                    name="conv2")(out)
+                    conv_weight_grad=wg, name="conv2")(out)
     skip = ConvLayer(self.features, 1, downsample=True, blur_kernel=self.blur_kernel,
-                     use_bias=False, activate=False, name="skip")(x)
+                     use_bias=False, activate=False, conv_weight_grad=wg, name="skip")(x)
     return (out + skip) * (1 / math.sqrt(2))
 
 
@@ -146,6 +150,7 @@ class StyleGAN2Discriminator(nn.Module):
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
   stddev_group: int = 4
   stddev_feat: int = 1
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
   @nn.compact
   def __call__(self, x, return_intermediates: bool = False):
@@ -157,13 +162,14 @@ class StyleGAN2Discriminator(nn.Module):
     ch = {4 * 2 ** i: c for i, c in enumerate(self.channels)}
 
     inter = {}
-    out = inter["convs0"] = ConvLayer(ch[self.size], 1, name="convs_0")(x)
+    wg = self.conv_weight_grad
+    out = inter["convs0"] = ConvLayer(ch[self.size], 1, conv_weight_grad=wg, name="convs_0")(x)
     for k, i in enumerate(range(log_size, 2, -1), start=1):
-      out = inter[f"resblock{k}"] = ResBlock(ch[2 ** (i - 1)], self.blur_kernel,
+      out = inter[f"resblock{k}"] = ResBlock(ch[2 ** (i - 1)], self.blur_kernel, wg,
                                              name=f"convs_{k}")(out)
 
     out = minibatch_stddev(out, self.stddev_group, self.stddev_feat)
-    out = inter["final_conv"] = ConvLayer(ch[4], 3, name="final_conv")(out)
+    out = inter["final_conv"] = ConvLayer(ch[4], 3, conv_weight_grad=wg, name="final_conv")(out)
     # NCHW flatten, to use the original's final_linear.0 weight unpermuted.
     out = jnp.transpose(out, (0, 3, 1, 2)).reshape(out.shape[0], -1)
     out = inter["final_linear0"] = EqualLinear(ch[4], activation=True, name="final_linear_0")(out)
@@ -216,14 +222,17 @@ class TorchConv3x3(nn.Module):
   """
   features: int
   stride: int = 1
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1] * 9
+    wg = self.conv_weight_grad
     # torch's kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) for weight and bias.
     return nn.Conv(self.features, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
                    kernel_init=TORCH_KERNEL_INIT,
-                   bias_init=_torch_uniform_bias(fan_in), name="conv")(x)
+                   bias_init=_torch_uniform_bias(fan_in), name="conv",
+                   conv_general_dilated_cls=None if wg == "xla" else ConvFn(wg))(x)
 
 
 class BatchNorm2d(nn.Module):
@@ -290,20 +299,22 @@ class PatchDiscriminator(nn.Module):
   input_size: int | None = 256
   bn_momentum: float = 0.9
   axis_name: str | None = None  # synchronised BatchNorm over this mapped axis
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
   @nn.compact
   def __call__(self, x, train: bool):
+    wg = self.conv_weight_grad
     if self.input_size is not None:
       x = resize_bilinear(x, self.input_size)
     for i, w in enumerate(self.widths):
-      x = TorchConv3x3(w, name=f"block{i}_conv1")(x)
+      x = TorchConv3x3(w, conv_weight_grad=wg, name=f"block{i}_conv1")(x)
       if i > 0:
         x = BatchNorm2d(self.bn_momentum, axis_name=self.axis_name, name=f"block{i}_bn1")(x, train)
       x = nn.leaky_relu(x, 0.2)
-      x = TorchConv3x3(w, stride=2, name=f"block{i}_conv2")(x)
+      x = TorchConv3x3(w, stride=2, conv_weight_grad=wg, name=f"block{i}_conv2")(x)
       x = BatchNorm2d(self.bn_momentum, axis_name=self.axis_name, name=f"block{i}_bn2")(x, train)
       x = nn.leaky_relu(x, 0.2)
-    return TorchConv3x3(1, name="out_conv")(x)
+    return TorchConv3x3(1, conv_weight_grad=wg, name="out_conv")(x)
 
 
 def patch_discriminator_torch_indices(n_blocks: int) -> dict[str, int]:

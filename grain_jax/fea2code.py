@@ -15,7 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from grain_jax.layers import TORCH_KERNEL_INIT, conv3x3, lrelu
+from grain_jax.layers import TORCH_KERNEL_INIT, conv3x3, conv_weight_grad_of, lrelu
 from grain_jax.torch_import import TorchReader
 
 
@@ -25,21 +25,23 @@ class GradualStyleBlock(nn.Module):
   n_down: int
   head_channels: Sequence[int]
   nf: int = 64
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
   @nn.compact
   def __call__(self, x):
+    conv = lambda *a, **k: conv3x3(*a, **k, weight_grad=self.conv_weight_grad)
     carry = None
     if self.has_conv_first:
-      x = carry = lrelu(conv3x3(self.nf, 2, name="conv_first")(x))
+      x = carry = lrelu(conv(self.nf, 2, name="conv_first")(x))
       self.sow("intermediates", "fea", carry)
       for j in range(self.n_down):
-        x = lrelu(conv3x3(self.nf, 2, name=f"convs_{j}")(x))
+        x = lrelu(conv(self.nf, 2, name=f"convs_{j}")(x))
     self.sow("intermediates", "x16", x)
     codes = []
     for head in (1, 2):
       y = x
       for j, c in enumerate(self.head_channels):
-        y = lrelu(conv3x3(c, 2, name=f"convs{head}_{j}")(y))
+        y = lrelu(conv(c, 2, name=f"convs{head}_{j}")(y))
       self.sow("intermediates", f"x{head}", y)
       codes.append(nn.Dense(self.head_channels[-1], kernel_init=TORCH_KERNEL_INIT,
                             name=f"linear{head}")(y.reshape(y.shape[0], -1)))
@@ -52,6 +54,7 @@ class Fea2Code(nn.Module):
   n_levels: int = 7
   head_channels: Sequence[int] = (64, 128, 256, 512)
   nf: int = 64
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
   @property
   def n_base(self) -> int:
@@ -72,7 +75,7 @@ class Fea2Code(nn.Module):
       level = max(i - nb + 1, 0)
       x = features[level] if carry is None else features[level] + carry
       block = GradualStyleBlock(i >= nb, max(level - 1, 0), tuple(self.head_channels), self.nf,
-                                name=f"styles_{i}")
+                                self.conv_weight_grad, name=f"styles_{i}")
       c1, c2, fea = block(x)
       if i >= nb:
         carry = fea
@@ -91,7 +94,7 @@ class Fea2Code(nn.Module):
     if head[-1] != cfg.generator.style_dim:
       raise ValueError(f"the last fea2code head width ({head[-1]}) must equal "
                        f"generator.style_dim ({cfg.generator.style_dim})")
-    return cls(n_codes, n_levels, head, cfg.rescaler.nf)
+    return cls(n_codes, n_levels, head, cfg.rescaler.nf, conv_weight_grad_of(cfg))
 
 
 def n_latent(size: int) -> int:

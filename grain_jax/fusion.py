@@ -12,7 +12,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from grain_jax.layers import SqueezeExcite, conv3x3, lrelu, upsample_nearest
+from grain_jax.layers import (SqueezeExcite, conv3x3, conv_weight_grad_of, lrelu,
+                              upsample_nearest)
 from grain_jax.torch_import import TorchReader
 
 
@@ -24,20 +25,22 @@ class Fusion(nn.Module):
   branch_widths: Sequence[Sequence[int]] = ((128, 128), (64, 64), (32, 32))
   out_widths: Sequence[int] = (128, 128, 64, 64)
   se_reduction: int = 16
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD (the SE blocks' 1x1 convs stay XLA's)
 
   @nn.compact
   def __call__(self, dec_features, g_features):
+    conv = lambda *a, **k: conv3x3(*a, **k, weight_grad=self.conv_weight_grad)
     dec_features, g_features = list(dec_features)[-3:], list(g_features)[-3:]
     zs = []
     for k, (x, y) in enumerate(zip(dec_features, g_features)):
       z = SqueezeExcite(self.se_reduction, name=f"se{k + 1}")(jnp.concatenate([x, y], -1))
       for j, c in enumerate(self.branch_widths[k]):
-        z = lrelu(conv3x3(c, name=f"conv{k + 1}_{2 * j}")(z))
+        z = lrelu(conv(c, name=f"conv{k + 1}_{2 * j}")(z))
       zs.append(upsample_nearest(z, 2 ** (2 - k)) if k < 2 else z)
     z = SqueezeExcite(self.se_reduction, name="se4")(jnp.concatenate(zs, -1))
     for j, c in enumerate(self.out_widths):
-      z = lrelu(conv3x3(c, name=f"out_{2 * j}")(z))
-    return conv3x3(3, name=f"out_{2 * len(self.out_widths)}")(z)
+      z = lrelu(conv(c, name=f"out_{2 * j}")(z))
+    return conv(3, name=f"out_{2 * len(self.out_widths)}")(z)
 
   @classmethod
   def from_config(cls, cfg) -> "Fusion":
@@ -45,7 +48,8 @@ class Fusion(nn.Module):
     # remat: the whole network is recomputed in the backward pass (its full-resolution
     # activations are then not held alongside the rest of the model's); same params.
     klass = nn.remat(cls) if cfg.get("remat", False) else cls
-    return klass(tuple(tuple(b) for b in f.branch_widths), tuple(f.out_widths), f.se_reduction)
+    return klass(tuple(tuple(b) for b in f.branch_widths), tuple(f.out_widths), f.se_reduction,
+                 conv_weight_grad_of(cfg))
 
 
 def from_torch(rd: TorchReader, model: Fusion) -> dict:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from grain_jax.layers import conv3x3, lrelu, upsample_nearest
+from grain_jax.layers import conv3x3, conv_weight_grad_of, lrelu, upsample_nearest
 from grain_jax.quantizer import quantize
 from grain_jax.torch_import import TorchReader
 
@@ -24,14 +24,17 @@ class ResidualDenseBlock(nn.Module):
   nf: int = 64
   gc: int = 32
   n_convs: int = 5
+  conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
   @nn.compact
   def __call__(self, x):
+    wg = self.conv_weight_grad
     feats = [x]
     for i in range(1, self.n_convs):
-      y = conv3x3(self.gc, name=f"conv{i}")(jnp.concatenate(feats, -1) if i > 1 else x)
+      y = conv3x3(self.gc, name=f"conv{i}", weight_grad=wg)(
+          jnp.concatenate(feats, -1) if i > 1 else x)
       feats.append(lrelu(y))
-    out = conv3x3(self.nf, name=f"conv{self.n_convs}")(jnp.concatenate(feats, -1))
+    out = conv3x3(self.nf, name=f"conv{self.n_convs}", weight_grad=wg)(jnp.concatenate(feats, -1))
     return out * 0.2 + x
 
 
@@ -40,15 +43,17 @@ class RRDB(nn.Module):
   nf: int = 64
   gc: int = 32
   light: bool = False
+  conv_weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     out = x
+    wg = self.conv_weight_grad
     if self.light:
-      out = ResidualDenseBlock(self.nf, self.gc, 4, name="RDB1")(out)
+      out = ResidualDenseBlock(self.nf, self.gc, 4, wg, name="RDB1")(out)
     else:
       for i in range(1, 4):
-        out = ResidualDenseBlock(self.nf, self.gc, 5, name=f"RDB{i}")(out)
+        out = ResidualDenseBlock(self.nf, self.gc, 5, wg, name=f"RDB{i}")(out)
     return out * 0.2 + x
 
 
@@ -64,18 +69,21 @@ class Encoder(nn.Module):
   gc: int = 32
   n_blocks: int = 10
   remat: bool = False
+  conv_weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    fea = conv3x3(self.nf, name="conv_first")(x)
+    conv = lambda *a, **k: conv3x3(*a, **k, weight_grad=self.conv_weight_grad)
+    fea = conv(self.nf, name="conv_first")(x)
     for i in range(self.n_down):
-      fea = lrelu(conv3x3(self.nf, 2, name=f"body_{i}")(fea))
+      fea = lrelu(conv(self.nf, 2, name=f"body_{i}")(fea))
     trunk = fea
     for i in range(self.n_blocks):
-      trunk = rrdb_class(self.remat)(self.nf, self.gc, name=f"RRDB_trunk_{i}")(trunk)
-    fea = fea + conv3x3(self.nf, name="trunk_conv")(trunk)
-    out = lrelu(conv3x3(self.nf, name="out_0")(fea))
-    return conv3x3(3, name="out_2")(out)
+      trunk = rrdb_class(self.remat)(self.nf, self.gc, conv_weight_grad=self.conv_weight_grad,
+                                     name=f"RRDB_trunk_{i}")(trunk)
+    fea = fea + conv(self.nf, name="trunk_conv")(trunk)
+    out = lrelu(conv(self.nf, name="out_0")(fea))
+    return conv(3, name="out_2")(out)
 
 
 class Decoder(nn.Module):
@@ -90,10 +98,12 @@ class Decoder(nn.Module):
   nf: int = 64
   gc: int = 32
   remat: bool = False
+  conv_weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, lr):
-    fea = conv3x3(self.nf, name="conv_first")(lr)
+    conv = lambda *a, **k: conv3x3(*a, **k, weight_grad=self.conv_weight_grad)
+    fea = conv(self.nf, name="conv_first")(lr)
     specs = [(n, False) for n in self.blocks] + [(1, True)] * self.light_levels
     features = []
     for level, (n, light) in enumerate(specs):
@@ -101,13 +111,13 @@ class Decoder(nn.Module):
         fea = upsample_nearest(fea)
       trunk = fea
       for j in range(n):
-        trunk = rrdb_class(self.remat)(self.nf, self.gc, light,
+        trunk = rrdb_class(self.remat)(self.nf, self.gc, light, self.conv_weight_grad,
                                        name=f"level{level}_RRDB_{j}")(trunk)
-      fea = fea + conv3x3(self.nf, name=f"level{level}_trunk_conv")(trunk)
+      fea = fea + conv(self.nf, name=f"level{level}_trunk_conv")(trunk)
       features.append(fea)
-    out = lrelu(conv3x3(self.nf, name="out_0")(fea))
-    out = lrelu(conv3x3(self.nf // 2, name="out_2")(out))
-    return conv3x3(3, name="out_4")(out), features
+    out = lrelu(conv(self.nf, name="out_0")(fea))
+    out = lrelu(conv(self.nf // 2, name="out_2")(out))
+    return conv(3, name="out_4")(out), features
 
 
 # The original's decoder blocks per level (16 ... 256 px in the 1024 config).
@@ -132,11 +142,13 @@ class InvRRDB(nn.Module):
   decoder_blocks: Sequence[int] = (3, 3, 3, 2, 1)
   decoder_light_levels: int = 2
   remat: bool = False  # rematerialise each RRDB in the backward pass (less memory, ~1/3 more compute)
+  conv_weight_grad: str = "xla"  # how conv weight gradients are computed (layers.CONV_WEIGHT_GRAD)
 
   def setup(self):
-    self.encoder = Encoder(self.n_down, self.nf, self.gc, self.encoder_blocks, self.remat)
+    self.encoder = Encoder(self.n_down, self.nf, self.gc, self.encoder_blocks, self.remat,
+                           self.conv_weight_grad)
     self.decoder = Decoder(tuple(self.decoder_blocks), self.decoder_light_levels, self.nf, self.gc,
-                           self.remat)
+                           self.remat, self.conv_weight_grad)
 
   def encode(self, x):
     return self.encoder(x)
@@ -165,7 +177,7 @@ class InvRRDB(nn.Module):
           f"({n_down + 1}), model.rescaler gives {len(blocks)} decoder_blocks + "
           f"{r.decoder_light_levels} decoder_light_levels (decoder_blocks=() fits them)")
     return cls(n_down, r.nf, r.gc, r.encoder_blocks, blocks, r.decoder_light_levels,
-               bool(cfg.get("remat", False)))
+               bool(cfg.get("remat", False)), conv_weight_grad_of(cfg))
 
 
 # ------------------------------------------------------------------------------ conversion

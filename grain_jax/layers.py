@@ -6,10 +6,14 @@
   rate layers. Equalized layers store their weights as PyTorch does (N(0,1)-scaled) and
   multiply by 1/sqrt(fan_in) at run time, so converted weights are used as they are and an
   optimizer sees the same parameterisation as in the original;
-* squeeze-excitation (Fusion, IR-SE50) and torch's bilinear resize (the losses).
+* squeeze-excitation (Fusion, IR-SE50) and torch's bilinear resize (the losses);
+* `conv2d`: the NHWC convolution of the trained networks, whose weight gradient can be
+  computed as chunked im2col matmuls instead of XLA's formulation (`conv_weight_grad`).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -32,10 +36,200 @@ def lrelu(x):
 TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def conv3x3(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-  """nn.Conv2d(k=3, padding=1) with bias, in NHWC, with PyTorch's weight initialisation."""
+# ------------------------------------------------------------------------------ convolutions
+
+# How a convolution's weight gradient is computed (model config `conv_weight_grad`):
+#   'xla':    as XLA differentiates lax.conv_general_dilated;
+#   'matmul': im2col in row chunks, one matmul per chunk (`conv_weight_grad_matmul`);
+#   'auto':   on a CPU, 'matmul' for convolutions with large activations (below) and 'xla'
+#             for the others; 'xla' on GPU/TPU. Decided per convolution when traced, from
+#             jax.default_backend() and the shapes.
+# XLA:CPU computes a weight gradient as a convolution with an image-sized window over
+# transposed copies of the activations. Once the activations outgrow the caches that runs
+# at 25-30 GFLOP/s against 50-100+ for these matmuls (3-5x slower at 256 px, 1.3-1.5x at
+# 1M elements); on small maps (64 px, batch 4) it is about as fast, and there the matmul
+# form only adds compilation time (about +0.1 s per convolution). GPUs and TPUs have
+# weight-gradient kernels of their own. The forward pass and the input gradient are XLA's
+# in every mode.
+CONV_WEIGHT_GRAD = ("xla", "matmul", "auto")
+# 'auto' takes the matmul form from this many input elements, N * H * W * max(Cin, Cout).
+AUTO_MATMUL_MIN_ELEMENTS = 2 ** 20
+# im2col bytes per chunk: a chunk stays in the L2 cache and needs no fresh pages (a
+# whole-image im2col is slower); 0.5-8 MB time alike on the Xeon measured (2 MB L2 a core).
+WEIGHT_GRAD_CHUNK_BYTES = 2 ** 21
+
+
+def conv_weight_grad_impl(mode: str, x_shape: Sequence[int] | None = None,
+                          kernel_shape: Sequence[int] | None = None) -> str:
+  """'xla' or 'matmul': what `mode` (a CONV_WEIGHT_GRAD value) means on this backend for a
+  convolution of these shapes (NHWC input, HWIO kernel; without shapes 'auto' on a CPU
+  means 'matmul')."""
+  if mode not in CONV_WEIGHT_GRAD:
+    raise ValueError(f"conv_weight_grad must be one of {', '.join(CONV_WEIGHT_GRAD)}, "
+                     f"got {mode!r}")
+  if mode != "auto":
+    return mode
+  if jax.default_backend() != "cpu":
+    return "xla"
+  if x_shape is None or kernel_shape is None:
+    return "matmul"
+  n, h, w, cin = x_shape
+  big = n * h * w * max(cin, kernel_shape[-1]) >= AUTO_MATMUL_MIN_ELEMENTS
+  return "matmul" if big else "xla"
+
+
+def conv_weight_grad_of(cfg) -> str:
+  """A model config's `conv_weight_grad` ('auto' when absent), checked."""
+  mode = str(cfg.get("conv_weight_grad", "auto"))
+  if mode not in CONV_WEIGHT_GRAD:
+    raise ValueError(f"model.conv_weight_grad must be one of {', '.join(CONV_WEIGHT_GRAD)}, "
+                     f"got {mode!r}")
+  return mode
+
+
+def _conv(x, w, strides, pads):
+  return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DN)
+
+
+def _chunk_rows(rows: int, row_bytes: int, chunk_bytes: int) -> int:
+  """Rows per chunk: at most chunk_bytes' worth, preferably a divisor of `rows` (no
+  remainder chunk, a smaller program)."""
+  r = int(max(1, min(rows, chunk_bytes // max(row_bytes, 1))))
+  d = r
+  while rows % d:
+    d -= 1
+  return d if 2 * d >= r else r
+
+
+def conv_weight_grad_matmul(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
+                            strides: Sequence[int], pads,
+                            chunk_bytes: int | None = None) -> jax.Array:
+  """The weight gradient of an NHWC x HWIO convolution (no dilation, one group), float32.
+
+  dW[a, b, i, o] = sum over n, y, x of xpad[n, s*y + a, s*x + b, i] * dy[n, y, x, o]. One
+  side is unrolled into columns (im2col: a block of rows per tap), the other is its matmul
+  partner, and the sum runs over chunks of rows (each chunk's columns about `chunk_bytes`,
+  default WEIGHT_GRAD_CHUNK_BYTES), so no image-sized temporary is made. At stride 1 the
+  side with fewer channels is unrolled: dy shifted by each tap (padded to mirror x's
+  padding) serves as well as x's windows. The unrolled side is first made channel-major
+  (one transpose), so a chunk's columns are copies of contiguous rows and its matmul takes
+  both operands as XLA:CPU's fast matmul wants them ((M, K) x (K, N)).
+  """
+  kh, kw, cin, cout = kernel_shape
+  n = x.shape[0]
+  (pt, pb), (pl, pr) = pads
+  sh, sw = strides
+  to_cm = lambda a, p: jnp.pad(a.transpose(3, 0, 1, 2), ((0, 0), (0, 0), *p))
+  if sh == sw == 1 and cout <= cin and max(pt, pb) < kh and max(pl, pr) < kw:
+    # Columns of dy: x row y meets dy row y + pt - a for tap row a.
+    src = to_cm(dy, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    other, cols_c, other_c = x, cout, cin
+    taps = [(kh - 1 - a, kw - 1 - b) for a in range(kh) for b in range(kw)]
+  else:
+    src = to_cm(x, pads)
+    other, cols_c, other_c = dy, cin, cout
+    taps = [(a, b) for a in range(kh) for b in range(kw)]
+  rows, width = other.shape[1], other.shape[2]
+  ncols = kh * kw * cols_c
+  r = _chunk_rows(rows, n * width * ncols * x.dtype.itemsize,
+                  chunk_bytes or WEIGHT_GRAD_CHUNK_BYTES)
+
+  def chunk(acc, start, size):
+    # One dynamic slice (the chunk's rows and the kernel's reach), then a static (strided)
+    # slice per tap: a smaller program than a dynamic slice per tap.
+    win = jax.lax.dynamic_slice_in_dim(src, sh * start, sh * (size - 1) + kh, axis=2)
+    cols = [jax.lax.slice(win, (0, 0, a, b),
+                          (cols_c, n, a + sh * (size - 1) + 1, b + sw * (width - 1) + 1),
+                          (1, 1, sh, sw)) for a, b in taps]
+    cols = jnp.concatenate(cols, 0).reshape(ncols, -1)  # (taps * cols_c, n * size * width)
+    part = jax.lax.dynamic_slice_in_dim(other, start, size, axis=1).reshape(-1, other_c)
+    return acc + jnp.matmul(cols, part, preferred_element_type=jnp.float32)
+
+  acc = jnp.zeros((ncols, other_c), jnp.float32)
+  n_full, rem = divmod(rows, r)
+  if n_full == 1:
+    acc = chunk(acc, 0, r)
+  elif n_full > 1:
+    acc = jax.lax.fori_loop(0, n_full, lambda i, acc: chunk(acc, i * r, r), acc)
+  if rem:
+    acc = chunk(acc, n_full * r, rem)
+  acc = acc.reshape(kh, kw, cols_c, other_c)
+  return acc.transpose(0, 1, 3, 2) if other is x else acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_weight_grad(x, w, strides, pads):
+  return _conv(x, w, strides, pads)
+
+
+def _conv_mwg_fwd(x, w, strides, pads):
+  return _conv(x, w, strides, pads), (x, w)
+
+
+def _conv_mwg_bwd(strides, pads, res, dy):
+  x, w = res
+  dx, = jax.vjp(lambda x: _conv(x, w, strides, pads), x)[1](dy)  # XLA's input gradient
+  dw = conv_weight_grad_matmul(x, dy, w.shape, strides, pads)
+  return dx, dw.astype(w.dtype)
+
+
+_conv_matmul_weight_grad.defvjp(_conv_mwg_fwd, _conv_mwg_bwd)
+
+
+def _explicit_pads(padding, x_shape, w_shape, strides):
+  if isinstance(padding, str):
+    return tuple(jax.lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1), padding="VALID",
+           weight_grad: str = "xla") -> jax.Array:
+  """lax.conv_general_dilated(x, w, strides, padding) in NHWC x HWIO, the same forward pass
+  in every mode; `weight_grad` (CONV_WEIGHT_GRAD) picks how the weight gradient is computed.
+  Padding: 'VALID', 'SAME' or ((top, bottom), (left, right))."""
+  strides = tuple(int(s) for s in strides)
+  if conv_weight_grad_impl(weight_grad, x.shape, w.shape) == "xla":
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
+  pads = _explicit_pads(padding, x.shape, w.shape, strides)
+  if min(min(p) for p in pads) < 0:  # cropping: not a case of the matmul form
+    return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DN)
+  return _conv_matmul_weight_grad(x, w, strides, pads)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvFn:
+  """For nn.Conv's `conv_general_dilated_cls`: returns a lax.conv_general_dilated with this
+  weight-gradient formulation (cases other than a plain NHWC convolution stay XLA's)."""
+  weight_grad: str = "xla"
+
+  def __call__(self):
+    return functools.partial(_flax_conv, weight_grad=self.weight_grad)
+
+
+_NHWC_SPECS = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None, *,
+               weight_grad="xla"):
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and precision is None
+           and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+           and dimension_numbers in (_NHWC_SPECS, _DN))
+  if plain:
+    return conv2d(lhs, rhs, window_strides, padding, weight_grad)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                      rhs_dilation, dimension_numbers, feature_group_count,
+                                      precision=precision)
+
+
+def conv3x3(features: int, stride: int = 1, name: str | None = None,
+            weight_grad: str = "xla") -> nn.Conv:
+  """nn.Conv2d(k=3, padding=1) with bias, in NHWC, with PyTorch's weight initialisation.
+
+  `weight_grad`: CONV_WEIGHT_GRAD (the params are the same in every mode)."""
   return nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)),
-                 kernel_init=TORCH_KERNEL_INIT, name=name)
+                 kernel_init=TORCH_KERNEL_INIT, name=name,
+                 conv_general_dilated_cls=None if weight_grad == "xla" else ConvFn(weight_grad))
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -152,6 +346,7 @@ class EqualConv2d(nn.Module):
   stride: int = 1
   padding: int = 0
   use_bias: bool = True
+  weight_grad: str = "xla"  # CONV_WEIGHT_GRAD
 
   @nn.compact
   def __call__(self, x):
@@ -159,9 +354,8 @@ class EqualConv2d(nn.Module):
     k = self.kernel_size
     w = self.param("kernel", nn.initializers.normal(1.0), (k, k, cin, self.features), jnp.float32)
     scale = 1.0 / math.sqrt(cin * k * k)
-    y = jax.lax.conv_general_dilated(
-        x, (w * scale).astype(x.dtype), (self.stride, self.stride),
-        [(self.padding, self.padding)] * 2, dimension_numbers=_DN)
+    y = conv2d(x, (w * scale).astype(x.dtype), (self.stride, self.stride),
+               [(self.padding, self.padding)] * 2, self.weight_grad)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
     return y

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax import (discriminators, fea2code, fusion, inception, invrrdb, irse50, lpips,
-                       stylegan2)
+from grain_jax import (discriminators, fea2code, fusion, inception, invrrdb, irse50, layers,
+                       lpips, stylegan2)
 from grain_jax.torch_import import CheckpointError, TorchReader, check_tree, load_torch_file
 
 MODEL_NETWORKS = ("rescaler", "fea2code", "generator", "fusion")
@@ -133,12 +133,14 @@ def _stylegan2_discriminator(cfg):
   d = cfg.discriminator
   return discriminators.StyleGAN2Discriminator(
       int(cfg.hr_size), tuple(d.channels) or stylegan2.default_channels(int(cfg.hr_size)),
-      tuple(cfg.generator.blur_kernel), stddev_group=int(d.stddev_group))
+      tuple(cfg.generator.blur_kernel), stddev_group=int(d.stddev_group),
+      conv_weight_grad=layers.conv_weight_grad_of(cfg))
 
 
 def _patch_discriminator(cfg):
   pd = cfg.patch_discriminator
-  return discriminators.PatchDiscriminator(tuple(pd.widths), int(pd.input_size))
+  return discriminators.PatchDiscriminator(tuple(pd.widths), int(pd.input_size),
+                                           conv_weight_grad=layers.conv_weight_grad_of(cfg))
 
 
 NETWORKS = {n.name: n for n in (

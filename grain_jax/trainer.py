@@ -53,7 +53,8 @@ RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "che
                      "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images",
                      "data.eval_identity", "data.eval_fid", "data.eval_inception",
                      "data.eval_fid_dims", "time_budget_s", "budget_probe_steps",
-                     "model.compute_dtype", "model.remat", "max_nonfinite_steps")
+                     "model.compute_dtype", "model.remat", "model.conv_weight_grad",
+                     "max_nonfinite_steps")
 
 
 # Fields added by later versions, at the value that reproduces what earlier versions did: a

@@ -19,10 +19,12 @@ def test_bench_json_has_every_case_and_number(capsys, small_weights, tmp_path):
   assert len(datasets.FolderSource(str(tmp_path))) == 2
   rc = cli.main(["bench", "--config", TINY, "--batch_sizes", "1,2", "--stages", "invrrdb",
                    "--train_batch", "2", "--repeats", "1", "--json", "--losses", "l2,lr_l2",
+                   "--conv_weight_grad", "matmul",
                    "--checkpoint", small_weights, "--data", str(tmp_path)])
   out = json.loads(capsys.readouterr().out)
   assert rc == 0
   assert out["ceiling_tflops"] > 0 and out["device"].startswith("cpu")
+  assert out["conv_weight_grad"] == "matmul"
   names = [(c["name"], c["batch"]) for c in out["cases"]]
   assert names == [("downscale", 1), ("upscale", 1), ("downscale", 2), ("upscale", 2),
                    ("train_invrrdb", 2)]

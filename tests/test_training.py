@@ -127,11 +127,13 @@ def test_changed_config_is_refused_on_resume(pictures, tmp_path):
   # not another value.
   saved = json.loads((tmp_path / "config.json").read_text())
   del saved["loss"]["ssim"]
+  saved["model"].pop("conv_weight_grad", None)  # a choice of how to run: may change
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(trainer.ConfigMismatchError, match=r"loss.ssim: checkpoint 0.0, now 0.5"):
     trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.ssim": 0.5}),
                                str(tmp_path), progress=False)
-  trainer.train_and_evaluate(_cfg(pictures, max_steps=4), str(tmp_path), progress=False)
+  trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"model.conv_weight_grad": "matmul"}),
+                             str(tmp_path), progress=False)
   assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 4
 
 

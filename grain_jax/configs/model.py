@@ -18,6 +18,10 @@ def grain_1024() -> ml_collections.ConfigDict:
       # (params stay float32), and rematerialisation of the heavy blocks in the backward pass.
       compute_dtype="float32",
       remat=False,
+      # How convolution weight gradients are computed (layers.CONV_WEIGHT_GRAD): 'xla',
+      # 'matmul' (chunked im2col matmuls, faster on CPUs) or 'auto' (matmul where it pays on a
+      # CPU, XLA's on GPU/TPU). Forward passes are the same in every mode.
+      conv_weight_grad="auto",
       rescaler=dict(nf=64, gc=32, encoder_blocks=10,
                     # RRDBs per decoder level from lr_size up; () = the original's (3, 3, 3, 2, 1)
                     # fitted to the levels. The last `light` levels use one RRDB2 each.

@@ -64,10 +64,7 @@ def conv_weight_grad_impl(mode: str, x_shape: Sequence[int] | None = None,
   """'xla' or 'matmul': what `mode` (a CONV_WEIGHT_GRAD value) means on this backend for a
   convolution of these shapes (NHWC input, HWIO kernel; without shapes 'auto' on a CPU
   means 'matmul')."""
-  if mode not in CONV_WEIGHT_GRAD:
-    raise ValueError(f"conv_weight_grad must be one of {', '.join(CONV_WEIGHT_GRAD)}, "
-                     f"got {mode!r}")
-  if mode != "auto":
+  if _checked(mode) != "auto":
     return mode
   if jax.default_backend() != "cpu":
     return "xla"
@@ -80,7 +77,10 @@ def conv_weight_grad_impl(mode: str, x_shape: Sequence[int] | None = None,
 
 def conv_weight_grad_of(cfg) -> str:
   """A model config's `conv_weight_grad` ('auto' when absent), checked."""
-  mode = str(cfg.get("conv_weight_grad", "auto"))
+  return _checked(str(cfg.get("conv_weight_grad", "auto")))
+
+
+def _checked(mode: str) -> str:
   if mode not in CONV_WEIGHT_GRAD:
     raise ValueError(f"model.conv_weight_grad must be one of {', '.join(CONV_WEIGHT_GRAD)}, "
                      f"got {mode!r}")

@@ -60,6 +60,11 @@ class TrainState(flax.struct.PyTreeNode):
   # needs no recompilation.
   schedule_steps: jax.Array
 
+  def learned(self) -> tuple:
+    """What training changes and may turn non-finite: parameters, optimizer and
+    discriminator states."""
+    return self.params, self.opt_state, self.d_params, self.d_opt_state, self.d_batch_stats
+
 
 def variables_of(state: TrainState) -> dict:
   """The GRAIN model's variables (trained + frozen, including networks the stage does not run)."""
@@ -203,10 +208,15 @@ def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_v
   return sum(w[k] * v for k, v in terms.items()), terms
 
 
+def floating_leaves(tree) -> list:
+  """The floating-point leaves of `tree` (the ones that can hold a NaN or infinity)."""
+  return [a for a in jax.tree_util.tree_leaves(tree)
+          if jax.dtypes.issubdtype(jnp.asarray(a).dtype, jnp.inexact)]
+
+
 def all_finite(tree) -> jax.Array:
   """Whether every floating-point value of `tree` is finite (a boolean scalar)."""
-  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact)]
+  leaves = [jnp.all(jnp.isfinite(a)) for a in floating_leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -218,8 +228,7 @@ def _guard(s: StepSetup, old: TrainState, new: TrainState, metrics: dict):
   overflowed while the parameters still look fine. Every device takes the same decision
   (pmin), so replicas never drift apart.
   """
-  learned = (new.params, new.opt_state, new.d_params, new.d_opt_state, new.d_batch_stats)
-  ok = all_finite(metrics) & all_finite(learned)
+  ok = all_finite(metrics) & all_finite(new.learned())
   if s.axis_name:
     ok = jax.lax.pmin(ok.astype(jnp.int32), s.axis_name).astype(bool)
   kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)

@@ -53,8 +53,9 @@ RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "che
                      "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images",
                      "data.eval_identity", "data.eval_fid", "data.eval_inception",
                      "data.eval_fid_dims", "time_budget_s", "budget_probe_steps",
-                     "model.compute_dtype", "model.remat", "model.conv_weight_grad",
-                     "max_nonfinite_steps")
+                     "max_nonfinite_steps",
+                     # how to run, not what: compute_dtype, remat, conv_weight_grad
+                     *(f"model.{k}" for k in weights_lib.RUN_OPTIONS))
 
 
 # Fields added by later versions, at the value that reproduces what earlier versions did: a
@@ -222,11 +223,8 @@ def state_is_finite(state: train_step.TrainState) -> bool:
   belt and braces for the step's guard, so a non-finite state (e.g. NaN initial weights) is
   never saved. Checked on the host, leaf by leaf: a jitted check compiles one reduction per
   leaf (3-8 s per stage at the demo size) to save a copy the checkpoint makes anyway."""
-  trees = (state.params, state.opt_state, state.frozen, state.d_params, state.d_opt_state,
-           state.d_batch_stats)
   return all(np.isfinite(distributed.host_copy(a)).all()
-             for a in jax.tree_util.tree_leaves(trees)
-             if jax.dtypes.issubdtype(a.dtype, np.inexact))
+             for a in train_step.floating_leaves((state.learned(), state.frozen)))
 
 
 def export_weights(path: str, cfg, state: train_step.TrainState, loss_vars: dict,

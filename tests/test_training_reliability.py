@@ -261,16 +261,17 @@ def test_checkpoints_from_before_the_divergence_guard_still_resume(pictures, tmp
 
 
 def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
-  import types
-
   import jax.numpy as jnp
 
-  from grain_jax import trainer
+  from grain_jax import train_step, trainer
+  counters = dict(step=jnp.array(3), rng=jnp.zeros(2, jnp.uint32), nonfinite_run=jnp.array(0),
+                  nonfinite_total=jnp.array(0), schedule_steps=jnp.array(9))
+  state = lambda fields: train_step.TrainState(**counters, **fields)
   ok = lambda: dict(params={"w": jnp.ones((3, 3)), "b": jnp.zeros(3, jnp.bfloat16)},
                     opt_state=({"mu": jnp.zeros(3)}, jnp.array(7, jnp.int32)),
                     frozen={"g": jnp.ones(2)}, d_params={}, d_opt_state=(),
                     d_batch_stats={"var": jnp.ones(4)})
-  assert trainer.state_is_finite(types.SimpleNamespace(**ok()))
+  assert trainer.state_is_finite(state(ok()))
   for part, key, bad in (("opt_state", None, jnp.inf), ("params", "b", jnp.nan),
                          ("frozen", "g", jnp.nan), ("d_batch_stats", "var", -jnp.inf)):
     fields = ok()
@@ -278,4 +279,4 @@ def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
       fields[part] = ({"mu": jnp.zeros(3).at[1].set(bad)}, fields[part][1])
     else:
       fields[part][key] = fields[part][key].at[0].set(bad)
-    assert not trainer.state_is_finite(types.SimpleNamespace(**fields)), part
+    assert not trainer.state_is_finite(state(fields)), part

@@ -48,6 +48,8 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   c.learning_rate = s.learning_rate
   c.lr_schedule = "constant"  # or 'cosine' (to 0 at max_steps), both after warmup_steps
   c.warmup_steps = 0
+  # b1 ... slow_step_size are Ranger's; name 'adam' is torch.optim.Adam with its defaults
+  # (0.9, 0.999, 1e-8), as the original's --optim_name adam, and ignores them.
   c.optimizer = ml_collections.ConfigDict(dict(
       name="ranger", b1=0.95, b2=0.999, eps=1e-5, sync_period=6, slow_step_size=0.5))
   c.d_learning_rate = -1.0  # < 0: same as learning_rate (the original)

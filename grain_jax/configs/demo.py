@@ -28,7 +28,7 @@ def get_config():
   c.stage_budget_share = dict(invrrdb=0.72, fea2code=0.02, fusion=0.14, finetune=0.12)
   c.stage_max_steps = 100000    # a stage's cap under the budget
   c.stage_steps = dict(invrrdb=520, fea2code=30, fusion=60, finetune=30)
-  # Fine-tuning starts from converged networks and, under the budget, runs a handful of
+  # Fine-tuning starts from converged networks and, under the budget, runs a few to ~100
   # steps: Adam's first steps move every weight by about the learning rate whatever the
   # gradient, and at 1e-4 those few steps cost hr 0.08 dB (21.89 instead of 21.97 dB after
   # the same stages 1-3); at 1e-5 they leave it where stages 1-3 brought it.

@@ -219,10 +219,9 @@ def initial_variables(cfg, placeholders: bool = False) -> tuple[dict, dict, dict
 
 
 def state_is_finite(state: train_step.TrainState) -> bool:
-  """Whether the state's parameters, optimizer and discriminator states are all finite:
-  belt and braces for the step's guard, so a non-finite state (e.g. NaN initial weights) is
-  never saved. Checked on the host, leaf by leaf: a jitted check compiles one reduction per
-  leaf (3-8 s per stage at the demo size) to save a copy the checkpoint makes anyway."""
+  """Whether the state's parameters, frozen networks, optimizer and discriminator states are
+  all finite. Checked on the host, leaf by leaf: a jitted check compiles one reduction per
+  leaf (3-8 s per stage at the demo size) for a check made once per run."""
   return all(np.isfinite(distributed.host_copy(a)).all()
              for a in train_step.floating_leaves((state.learned(), state.frozen)))
 
@@ -626,6 +625,14 @@ def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
   training = train_step.create_training(cfg, variables, d_variables, loss_vars, mesh)
   loss_vars = jax.device_put(loss_vars, NamedSharding(mesh, P()))
   state = ckpts.restore(training.state, data) if ckpts.resuming else training.state
+  # Checked once: from a finite state the step's guard keeps every state finite (a step whose
+  # update is not finite keeps the old state), so no checkpoint of this run can hold a NaN.
+  if not state_is_finite(state):
+    where = (f"checkpoint {int(state.step)} in {ckpts.directory}" if ckpts.resuming
+             else "initial training state")
+    raise ValueError(f"the {where} holds NaN or infinite values; nothing was trained or saved"
+                     + ("; move that checkpoint away to resume from an earlier one"
+                        if ckpts.resuming else ""))
   first = int(state.step)
   last = cfg.max_steps
   budget = None
@@ -683,12 +690,9 @@ def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
       if _due(step, cfg.checkpoint_every, last):
         check(*pending)  # a run that just diverged stops before saving
         pending = None
-        if not state_is_finite(state):
-          log.warning("step %d: not saved, the state holds non-finite values", step)
-        else:
-          ckpts.save(step, state, data)
-          if jax.process_index() == 0:
-            export(os.path.join(workdir, "weights"))
+        ckpts.save(step, state, data)
+        if jax.process_index() == 0:
+          export(os.path.join(workdir, "weights"))
       if validate and _due(step, cfg.eval_every, last):
         last_metrics = validate(step, state, export)
         report.validation(step, last_metrics, validate.evaluator.names)

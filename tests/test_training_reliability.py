@@ -280,3 +280,35 @@ def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
     else:
       fields[part][key] = fields[part][key].at[0].set(bad)
     assert not trainer.state_is_finite(state(fields)), part
+
+
+def test_a_checkpoint_holding_a_nan_is_refused_and_kept(pictures, tmp_path, capsys):
+  """The state is checked once, where a run starts: a checkpoint with a NaN (written by
+  hand here, as a damaged or foreign one would be) stops the run before any step, and stays."""
+  import jax
+  import orbax.checkpoint as ocp
+  from grain_jax import trainer
+  work = tmp_path / "w"
+  trainer.train_and_evaluate(tiny_training(**{"data.train": pictures, "max_steps": 2}),
+                             str(work), progress=False)
+  mgr = ocp.CheckpointManager(
+      os.path.join(work, "checkpoints"), item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                         "data": ocp.JsonCheckpointHandler()})
+  a = ocp.args
+  state = mgr.restore(2, args=a.Composite(state=a.StandardRestore()))["state"]
+  leaves, tree = jax.tree_util.tree_flatten(state["params"])
+  leaves[0] = np.asarray(leaves[0]).copy()
+  leaves[0].flat[0] = np.nan  # one trained weight
+  state["params"] = jax.tree_util.tree_unflatten(tree, leaves)
+  state["step"] = np.asarray(3, np.asarray(state["step"]).dtype)
+  with open(os.path.join(work, "checkpoints", "2", "host_data", "process_0-of-1.json")) as f:
+    position = json.load(f)
+  mgr.save(3, args=a.Composite(state=a.StandardSave(state), data=a.JsonSave(position)))
+  mgr.wait_until_finished()
+  mgr.close()
+  rc, err = _train_cli(capsys, work, f"--config.data.train={pictures}", "--config.max_steps=5")
+  assert rc == 2, err
+  assert "checkpoint 3 in" in _errors(err)[0] and "holds NaN or infinite values" in \
+      _errors(err)[0], err
+  assert sorted(os.listdir(work / "checkpoints")) == ["2", "3"]
+  assert [r["step"] for r in _log(work)] == [1, 2]

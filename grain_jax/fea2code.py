@@ -4,7 +4,7 @@ A pyramid of GradualStyleBlocks (pSp-style), one per pair of codes. With K decod
 (coarsest first) and B = n_codes / 2 blocks, blocks B-K+1 .. B-1 each take one feature level
 (finest for the last block) plus the stride-2 `conv_first` output of the block above them;
 the B-K+1 lowest blocks all take features[0] plus that carry. Each block downsamples to
-lr_size, then two heads of stride-2 convs and a Linear give its two codes. Code 2i comes from
+lr_size, then two heads of stride-2 convs (down to 1x1) and a Linear give its two codes. Code 2i comes from
 the second head of block i, code 2i+1 from the first (the original reverses its list).
 """
 from __future__ import annotations
@@ -86,10 +86,13 @@ class Fea2Code(nn.Module):
   @classmethod
   def from_config(cls, cfg) -> "Fea2Code":
     n_levels = int(math.log2(cfg.hr_size // cfg.lr_size)) + 1
-    n_codes = n_latent(cfg.hr_size)
+    n_codes = int(cfg.fea2code.get("n_codes", 0)) or n_latent(cfg.hr_size)
+    if n_codes < n_latent(cfg.hr_size) or n_codes % 2:
+      raise ValueError(f"fea2code.n_codes must be even and at least the generator's "
+                       f"{n_latent(cfg.hr_size)} codes, got {n_codes}")
     head = tuple(cfg.fea2code.head_channels)
-    if 2 ** len(head) != cfg.lr_size:
-      raise ValueError(f"fea2code.head_channels needs log2(lr_size) = "
+    if 2 ** len(head) < cfg.lr_size:
+      raise ValueError(f"fea2code.head_channels needs at least log2(lr_size) = "
                        f"{int(math.log2(cfg.lr_size))} entries to reach 1x1, got {head}")
     if head[-1] != cfg.generator.style_dim:
       raise ValueError(f"the last fea2code head width ({head[-1]}) must equal "

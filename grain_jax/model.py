@@ -84,7 +84,7 @@ class GRAIN(nn.Module):
     return quantize(lr_float, rng) if quantized else lr_float
 
   def codes(self, features):
-    """Decoder features -> W+ codes (N, n_latent, style_dim), latent_avg added."""
+    """Decoder features -> W+ codes (N, fea2code.n_codes, style_dim), latent_avg added."""
     codes = self.fea2code(features)
     if self.start_from_latent_avg:
       codes = codes + self.generator.latent_avg.value.astype(codes.dtype)

@@ -233,7 +233,8 @@ class Generator(nn.Module):
                return_features: bool = False):
     """Synthesises images, NHWC in about [-1, 1].
 
-    styles: a list of one or two arrays: z or w (N, style_dim), or W+ (N, n_latent, style_dim).
+    styles: a list of one or two arrays: z or w (N, style_dim), or W+ (N, >= n_latent,
+      style_dim).
       Two entries mix styles: codes < inject_index from the first, the rest from the second
       (inject_index may be a traced integer; if None, drawn with the 'mixing' rng).
     input_is_latent: styles are W / W+ (GRAIN) rather than z.
@@ -263,8 +264,9 @@ class Generator(nn.Module):
         inject_index = jax.random.randint(self.make_rng("mixing"), (), 1, self.n_latent)
       mask = (jnp.arange(self.n_latent) < inject_index)[None, :, None]
       latent = jnp.where(mask, expand(styles[0]), expand(styles[1]))
-    if latent.shape[1] != self.n_latent:
+    if latent.shape[1] < self.n_latent:
       raise ValueError(f"W+ input needs {self.n_latent} codes, got {latent.shape[1]}")
+    latent = latent[:, :self.n_latent]  # as rosinality's: codes beyond n_latent are not used
 
     if isinstance(noise, str):
       if noise == "const":

@@ -60,7 +60,7 @@ RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "che
 
 # Fields added by later versions, at the value that reproduces what earlier versions did: a
 # checkpoint's config without one matches that value.
-ADDED_FIELDS = {"loss.ssim": 0.0}
+ADDED_FIELDS = {"loss.ssim": 0.0, "model.fea2code.n_codes": 0}
 # The demo's own fields (in its stage configs): read by the demo, never by a training run.
 DEMO_PREFIXES = ("demo", "stage_")
 

@@ -85,10 +85,12 @@ def test_hr_size_alone_gives_the_original_layout_at_that_size():
   assert tuple(model.rescaler.decoder_blocks) == (3, 3, 3)
   for name in networks.NETWORKS:
     assert networks.expected_variables(name, cfg), name
-  # A field that must change with lr_size is named.
-  bad = configs.load("1024", ["--config.model.lr_size=8"]).model
-  with pytest.raises(ValueError, match="fea2code.head_channels needs log2"):
+  # A field that must change with lr_size is named (4 head convs reach 1x1 from at most 16
+  # px; more convs keep 1x1, as the original's 4 do at lr_size 4).
+  bad = configs.load("1024", ["--config.model.lr_size=32"]).model
+  with pytest.raises(ValueError, match="fea2code.head_channels needs at least log2"):
     networks.build("fea2code", bad)
+  assert networks.build("fea2code", configs.load("1024", ["--config.model.lr_size=8"]).model)
 
 
 def test_no_sys_path_edits_in_the_package():

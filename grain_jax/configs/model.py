@@ -26,7 +26,11 @@ def grain_1024() -> ml_collections.ConfigDict:
                     # RRDBs per decoder level from lr_size up; () = the original's (3, 3, 3, 2, 1)
                     # fitted to the levels. The last `light` levels use one RRDB2 each.
                     decoder_blocks=(), decoder_light_levels=2),
-      fea2code=dict(head_channels=(64, 128, 256, 512), start_from_latent_avg=True),
+      # n_codes: W+ codes Fea2Code emits, 0 = the generator's n_latent. The original always
+      # emits 18 (9 blocks); a generator with fewer layers uses the first ones, as rosinality's.
+      # head_channels: one stride-2 conv each; at least log2(lr_size) of them to reach 1x1
+      # (more keep 1x1, as the original's 4 convs do at lr_size 4).
+      fea2code=dict(head_channels=(64, 128, 256, 512), start_from_latent_avg=True, n_codes=0),
       # channels: one width per resolution 4..hr_size; () = rosinality's config-f widths.
       generator=dict(style_dim=512, n_mlp=8, channels=(), lr_mlp=0.01,
                      blur_kernel=(1, 3, 3, 1), modconv_impl="scale"),

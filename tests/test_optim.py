@@ -1,5 +1,7 @@
-"""Ranger (optax radam + lookahead + gradient centralization) against a direct NumPy
-implementation of the PyTorch Ranger GRAIN trains with, on a toy least-squares problem."""
+"""Ranger (its RAdam + optax lookahead + gradient centralization) against a direct NumPy
+implementation of the PyTorch Ranger GRAIN trains with, on a toy least-squares problem.
+(tests/test_training_parity.py checks it against the PyTorch Ranger itself, inside GRAIN's
+training loop.)"""
 import math
 
 import jax
@@ -56,7 +58,7 @@ def test_ranger_follows_the_pytorch_ranger_on_a_toy_problem():
 
   def loss(p):
     pred = a @ p["kernel"].reshape(-1, 5) + p["bias"]
-    return 10.0 * jnp.mean((pred - target) ** 2)  # gradients >> eps (see optim.py)
+    return 10.0 * jnp.mean((pred - target) ** 2)
 
   grad = jax.jit(jax.grad(loss))
   want = reference_ranger(params, lambda p: jax.tree_util.tree_map(
@@ -82,7 +84,7 @@ def test_ranger_follows_the_pytorch_ranger_on_a_toy_problem():
     for name in params:
       move = np.abs(want[t][name] - params[name]).max()
       err = np.abs(np.asarray(got[name]) - want[t][name]).max()
-      assert err <= 2e-3 * move, (t, name, err, move)
+      assert err <= 1e-5 * move, (t, name, err, move)
     losses.append(float(loss(got)))
   assert losses[-1] < 0.4 * losses[0]
   # After a sync step (6, 12, ...) the slow weights equal the fast ones.

@@ -66,8 +66,11 @@ def timed(fn, args, repeats: int) -> float:
 
 
 def program_flops(lowered) -> float:
-  """FLOPs of a lowered program, from XLA's cost analysis of its HLO before backend
-  optimisation (a GPU's compiled program hides its convolutions in library calls)."""
+  """FLOPs of a lowered program (or the sum over a list of them), from XLA's cost analysis of
+  its HLO before backend optimisation (a GPU's compiled program hides its convolutions in
+  library calls)."""
+  if isinstance(lowered, list):
+    return sum(program_flops(low) for low in lowered)
   cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else {}
@@ -75,6 +78,11 @@ def program_flops(lowered) -> float:
 
 
 def compiled_memory_gb(compiled) -> float | None:
+  """XLA's memory estimate of a compiled program (the largest of a list of them, which run
+  one after the other)."""
+  if isinstance(compiled, list):
+    sizes = [g for g in map(compiled_memory_gb, compiled) if g is not None]
+    return max(sizes) if sizes else None
   m = compiled.memory_analysis()
   if m is None:
     return None
@@ -160,17 +168,17 @@ def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log,
 LOSSES = ("l2", "lr_l2", "lpips", "id", "adv")
 
 
-def _time_steps(compiled, state, batch, loss_vars, repeats: int, reset_step: bool):
+def _time_steps(step, state, batch, loss_vars, repeats: int, reset_step: bool):
   """Median seconds of a compiled training step (repeats=0: the first call); its last loss."""
   t = time.perf_counter()
-  state, m = compiled(state, batch, loss_vars)  # warm-up (the state is donated)
+  state, m = step(state, batch, loss_vars)  # warm-up (the state is donated)
   jax.block_until_ready(m)
   times = [time.perf_counter() - t] if repeats == 0 else []
   for _ in range(repeats):
     if reset_step:
       state = state.replace(step=jnp.zeros((), jnp.int32))  # D update and R1 again
     t = time.perf_counter()
-    state, m = compiled(state, batch, loss_vars)
+    state, m = step(state, batch, loss_vars)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   return float(np.median(times)), float(m["loss"])
@@ -200,16 +208,16 @@ def bench_train(cfg, stage_names, batch: int, ceiling: float, repeats: int, d_up
     variants = ([("", 0, True)] + ([("_with_d", 1, True)] if d_update else [])
                 + ([("_unguarded", 0, False)] if guard_cost else []))
     for suffix, d_every, guard in variants:
-      tcfg.d_every = d_every  # 0: no D update in the program; 1: at every step (R1 at step 0)
+      tcfg.d_every = d_every  # 0: no D update; 1: at every step (R1 too at step 0)
       training = train_step.create_training(tcfg, variables, d_vars, loss_vars, mesh, guard)
       try:
         t = time.perf_counter()
-        lowered = training.step.lower(training.state, batch_arrays, loss_vars)
-        compiled = lowered.compile()
+        # The D, R1 and G programs of step 0 (all three with d_every=1).
+        lowered, compiled = training.step.compile(training.state, batch_arrays, loss_vars)
         compile_s = time.perf_counter() - t
         seconds, loss = None, 0.0
         if not compile_only:
-          seconds, loss = _time_steps(compiled, training.state, batch_arrays, loss_vars, repeats,
+          seconds, loss = _time_steps(training.step, training.state, batch_arrays, loss_vars, repeats,
                                       bool(d_every))
       except Exception as e:
         cases.append(dict(name=f"train_{name}", batch=batch, error=f"{type(e).__name__}: "

@@ -22,13 +22,15 @@ def l2(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(a - b))
 
 
-def lr_l2(lr_float: jax.Array, target: jax.Array) -> jax.Array:
-  """L2 between the encoder's (unquantized) LR and a bilinear resize of the target.
+def lr_l2(lr: jax.Array, target: jax.Array) -> jax.Array:
+  """L2 between the LR image and a bilinear resize of the target.
 
-  The resize is torch's `F.interpolate(y, size=[16, 16], mode="bilinear")`: two taps, no
-  antialiasing, at the LR size of the model.
+  Training passes the quantized LR (noise added, clamped to [-1, 1]: no gradient where the
+  encoder leaves that range), as coachTrain does with `img1`. The resize is torch's
+  `F.interpolate(y, size=[16, 16], mode="bilinear")`: two taps, no antialiasing, at the LR
+  size of the model.
   """
-  return l2(lr_float, resize_bilinear(target, lr_float.shape[1:3]))
+  return l2(lr, resize_bilinear(target, lr.shape[1:3]))
 
 
 def ssim(a: jax.Array, b: jax.Array) -> jax.Array:

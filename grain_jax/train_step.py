@@ -1,22 +1,24 @@
-"""The train state and one jitted, data-parallel training step of a GRAIN stage (stages.py).
+"""The train state and the jitted, data-parallel training step of a GRAIN stage (stages.py).
 
-A step is written per device, in the pmap style: it sees its shard of the global batch,
-averages gradients (and the batch statistics that couple samples) with `lax.pmean` over the
-"data" axis, and leaves every replica with the same new state. `make_parallel_step` runs it
-over all devices with `jax.shard_map` under `jax.jit` on a ("data",) mesh; `create_training`
+The updates are written per device, in the pmap style: each sees its shard of the global
+batch, averages gradients (and the batch statistics that couple samples) with `lax.pmean`
+over the "data" axis, and leaves every replica with the same new state. `Step` runs them over
+all devices with `jax.shard_map` under `jax.jit` on a ("data",) mesh; `create_training`
 builds the state and that step for a config (what the trainer, the benchmark and the tests
 use).
 
 Each step follows coaches/coachTrain.py:
   1. every `d_every`-th step (step % d_every == 0) the discriminator is updated first, on a
-     fresh forward pass: relativistic-average BCE with the patch discriminator in stage 1,
-     the logistic loss in stages 2-4 plus, when also step % r1_every == 0, a second update with
-     lazy R1 (gamma / 2 * r1_every * R1). As in the original, whose gradients are not zeroed
+     fresh forward pass (of x in stages 1-2, of y in stages 3-4, as the original):
+     relativistic-average BCE with the patch discriminator in stage 1, the logistic loss in
+     stages 2-4 plus, when also step % r1_every == 0, a second update with lazy R1
+     (gamma / 2 * r1_every * R1). As in the original, whose gradients are not zeroed
      between the two `d_optim.step()` calls, that second update uses the logistic-loss
      gradient plus the R1 gradient.
   2. the trained networks take one step on l2 + lr_l2 + lpips + id + adv (weights from config).
 The StyleGAN2 generator is never trained; networks a stage does not train are kept in
-`TrainState.frozen`.
+`TrainState.frozen`. The divergence guard skips an update whose loss or new state is not
+finite (the whole step when its input is bad).
 
 Random numbers (quantizer noise, generator noise maps) are drawn per example from the
 example's index in the global batch, so N devices compute exactly what one device computes
@@ -24,6 +26,7 @@ on the same global batch.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
@@ -154,10 +157,45 @@ def _r1_update(s: StepSetup, d_tx, d_params, d_opt_state, grads, real):
   return optax.apply_updates(d_params, updates), d_opt_state, r1
 
 
-def discriminator_update(s: StepSetup, state: TrainState, x, y, noise):
-  """One discriminator step (and the lazy R1 step when due) on a fresh fake batch."""
+def _keep_if_finite(s: StepSetup, old: TrainState, new: TrainState, metrics: dict,
+                    parts: tuple[str, ...]):
+  """The divergence guard of one update: `new`, or `new` with `old`'s `parts` where the
+  metrics or the new parts hold a NaN or infinity; and that flag (int32, 1 = kept old).
+
+  Checking the new state, not only the loss, also catches an optimizer moment that
+  overflowed while the parameters still look fine. Every device takes the same decision
+  (pmin), so replicas never drift apart.
+  """
+  if not s.skip_nonfinite:
+    return new, jnp.zeros((), jnp.int32)
+  ok = all_finite(metrics) & all_finite([getattr(new, p) for p in parts])
+  if s.axis_name:
+    ok = jax.lax.pmin(ok.astype(jnp.int32), s.axis_name).astype(bool)
+  kept = {p: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), getattr(new, p),
+                                    getattr(old, p)) for p in parts}
+  return new.replace(**kept), (~ok).astype(jnp.int32)
+
+
+D_PARTS = ("d_params", "d_opt_state", "d_batch_stats")
+G_PARTS = ("params", "opt_state")
+
+
+def no_discriminator_update() -> dict:
+  """The discriminator metrics of a step without a discriminator update."""
+  return {"d_loss": jnp.zeros(()), "r1": jnp.zeros(()), "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def discriminator_step(s: StepSetup, state: TrainState, batch):
+  """The discriminator update on a fresh fake batch: (state, metrics, its gradient).
+
+  The gradient (averaged over devices) is what the lazy R1 update adds to, as the original's
+  un-zeroed gradients. A non-finite update is not applied (metrics['nonfinite'] = 1).
+  """
+  q_noise, g_noise = step_noise(s, state, batch)["d"]
+  src = batch[s.stage.d_fake_from]
   fake = jax.lax.stop_gradient(
-      forward(s.model, variables_of(state), x, *noise, s.stage)[s.stage.output])
+      forward(s.model, variables_of(state), src, q_noise, g_noise, s.stage)[s.stage.output])
+  y = batch["y"]
 
   def loss_fn(d_params):
     real_logits, stats = discriminator_logits(s, d_params, state.d_batch_stats, y)
@@ -169,18 +207,32 @@ def discriminator_update(s: StepSetup, state: TrainState, x, y, noise):
   (d_loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       optim.model_params(state.d_params))
   grads = s.pmean(grads)
-  d_tx = s.make_d_tx(state.schedule_steps)
-  updates, d_opt_state = d_tx.update(grads, state.d_opt_state, state.d_params)
-  d_params = optax.apply_updates(state.d_params, updates)
-  r1 = jnp.zeros(())
-  if not s.patch:
-    d_params, d_opt_state, r1 = jax.lax.cond(
-        state.step % s.r1_every == 0,
-        lambda a: _r1_update(s, d_tx, *a, grads, y),
-        lambda a: (*a, jnp.zeros(())), (d_params, d_opt_state))
-  state = state.replace(d_params=d_params, d_opt_state=d_opt_state,
-                        d_batch_stats=s.pmean(stats) if s.patch else stats)
-  return state, {"d_loss": s.pmean(d_loss), "r1": s.pmean(r1)}
+  updates, d_opt_state = s.make_d_tx(state.schedule_steps).update(grads, state.d_opt_state,
+                                                                  state.d_params)
+  new = state.replace(d_params=optax.apply_updates(state.d_params, updates),
+                      d_opt_state=d_opt_state,
+                      d_batch_stats=s.pmean(stats) if s.patch else stats)
+  metrics = {"d_loss": s.pmean(d_loss), "r1": jnp.zeros(())}
+  new, bad = _keep_if_finite(s, state, new, metrics, D_PARTS)
+  return new, {**metrics, "nonfinite": bad}, grads
+
+
+def r1_step(s: StepSetup, state: TrainState, batch, grads, d_metrics: dict):
+  """The lazy-R1 update after a discriminator update: its logistic-loss gradient `grads` plus
+  the weighted R1 gradient (gamma / 2 * r1_every * R1), a second optimizer step as the
+  original's. Returns (state, the step's discriminator metrics with r1)."""
+  real = batch["y"]
+  r1_fn = lambda p: losses.r1_penalty(lambda img: s.disc.apply({"params": p}, img), real)
+  r1, r1_grads = jax.value_and_grad(r1_fn)(optim.model_params(state.d_params))
+  scale = s.r1_gamma / 2 * s.r1_every
+  total = jax.tree_util.tree_map(lambda g, h: g + scale * h, grads, s.pmean(r1_grads))
+  updates, d_opt_state = s.make_d_tx(state.schedule_steps).update(total, state.d_opt_state,
+                                                                  state.d_params)
+  new = state.replace(d_params=optax.apply_updates(state.d_params, updates),
+                      d_opt_state=d_opt_state)
+  r1 = s.pmean(r1)
+  new, bad = _keep_if_finite(s, state, new, {"r1": r1}, D_PARTS)
+  return new, {**d_metrics, "r1": r1, "nonfinite": d_metrics["nonfinite"] | bad}
 
 
 def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_vars):
@@ -190,7 +242,7 @@ def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_v
   w = s.weights
   terms = {"l2": losses.l2(hr, y)}
   if w["lr_l2"] > 0:
-    terms["lr_l2"] = losses.lr_l2(out["lr_float"], y)
+    terms["lr_l2"] = losses.lr_l2(out["lr"], y)
   if w["ssim"] > 0:
     terms["ssim"] = losses.ssim(hr, y)
   if w["lpips"] > 0 and "lpips" in s.loss_nets:
@@ -220,62 +272,125 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _guard(s: StepSetup, old: TrainState, new: TrainState, metrics: dict):
-  """The divergence guard: a step whose losses or new state (parameters, optimizer and
-  discriminator states) hold a NaN or infinity is skipped, i.e. `old` is kept, and counted.
-
-  Checking the whole new state, not only the loss, also catches an optimizer moment that
-  overflowed while the parameters still look fine. Every device takes the same decision
-  (pmin), so replicas never drift apart.
-  """
-  ok = all_finite(metrics) & all_finite(new.learned())
-  if s.axis_name:
-    ok = jax.lax.pmin(ok.astype(jnp.int32), s.axis_name).astype(bool)
-  kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-  bad = (~ok).astype(jnp.int32)
-  return kept.replace(step=new.step, nonfinite_run=jnp.where(ok, 0, old.nonfinite_run + 1),
-                      nonfinite_total=old.nonfinite_total + bad), bad
-
-
-def train_step(s: StepSetup, state: TrainState, batch, loss_vars):
-  """(state, batch dict(x, y) NHWC in [-1, 1], loss-network variables) -> (state, metrics).
-
-  metrics: the losses, `nonfinite` (1 if this step was skipped by the divergence guard),
-  `nonfinite_run` (consecutive skipped steps up to this one) and `nonfinite_total`.
-  """
-  old = state
-  x, y = batch["x"], batch["y"]
+def step_noise(s: StepSetup, state: TrainState, batch) -> dict:
+  """{'d', 'g'}: the per-example noise (quantizer, generator maps) of the discriminator
+  step's and the generator step's forward passes, drawn from the state's rng and step, or
+  the batch's `noise` entry where it has one (tests feed the original's draws that way)."""
+  if "noise" in batch:
+    return batch["noise"]
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   d_rng, g_rng = jax.random.split(step_rng)
-  metrics = {"d_loss": jnp.zeros(()), "r1": jnp.zeros(())}
-  if s.weights["adv"] > 0 and s.d_every > 0:
-    d_noise = batch_noise(d_rng, x.shape[0], s.model, s.axis_name)
-    state, metrics = jax.lax.cond(
-        state.step % s.d_every == 0,
-        lambda st: discriminator_update(s, st, x, y, d_noise),
-        lambda st: (st, metrics), state)
-  g_noise = batch_noise(g_rng, x.shape[0], s.model, s.axis_name)
-  loss_fn = lambda trained: generator_loss(s, trained, state, x, y, g_noise, loss_vars)
+  n = batch["x"].shape[0]
+  return {"d": batch_noise(d_rng, n, s.model, s.axis_name),
+          "g": batch_noise(g_rng, n, s.model, s.axis_name)}
+
+
+def generator_step(s: StepSetup, state: TrainState, batch, loss_vars, d_metrics: dict):
+  """The trained networks' update, which ends a step: (state, metrics).
+
+  d_metrics: this step's discriminator metrics (no_discriminator_update() on a step without).
+  metrics: the losses, d_loss and r1, `nonfinite` (1 if an update of this step was skipped
+  by the divergence guard), `nonfinite_run` (consecutive such steps up to this one) and
+  `nonfinite_total`.
+  """
+  x, y = batch["x"], batch["y"]
+  q_noise, g_noise = step_noise(s, state, batch)["g"]
+  loss_fn = lambda trained: generator_loss(s, trained, state, x, y, (q_noise, g_noise),
+                                           loss_vars)
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       optim.model_params(state.params))
   updates, opt_state = s.make_tx(state.schedule_steps).update(s.pmean(grads), state.opt_state,
                                                               state.params)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
-  metrics = s.pmean({**metrics, **{f"loss_{k}": v for k, v in terms.items()}, "loss": loss})
+  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state)
+  metrics = s.pmean({f"loss_{k}": v for k, v in terms.items()} | {"loss": loss})
+  new, bad = _keep_if_finite(s, state, new, metrics, G_PARTS)
+  metrics.update(d_loss=d_metrics["d_loss"], r1=d_metrics["r1"])
   if s.skip_nonfinite:
-    state, bad = _guard(s, old, state, metrics)
-    metrics.update(nonfinite=bad, nonfinite_run=state.nonfinite_run,
-                   nonfinite_total=state.nonfinite_total)
-  return state, metrics
+    bad = bad | d_metrics["nonfinite"]
+    new = new.replace(nonfinite_run=jnp.where(bad > 0, state.nonfinite_run + 1, 0),
+                      nonfinite_total=state.nonfinite_total + bad)
+    metrics.update(nonfinite=bad, nonfinite_run=new.nonfinite_run,
+                   nonfinite_total=new.nonfinite_total)
+  return new, metrics
 
 
-def make_parallel_step(step: Callable, mesh: Mesh) -> Callable:
-  """Runs a per-device step over `mesh`'s "data" axis: state and loss networks replicated,
-  the batch split along its first axis; the old state's buffers are donated."""
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
-                          out_specs=(P(), P()), check_vma=False)
-  return jax.jit(sharded, donate_argnums=(0,))
+class Step:
+  """One training step as the trainer runs it: (state, batch, loss_vars) -> (state, metrics).
+
+  The batch: dict(x, y) NHWC in [-1, 1], split over the mesh's "data" axis; it may also
+  carry `noise` ({'d', 'g'}: (quantizer noise (N, lr, lr, 3), [generator noise maps
+  (N, R, R, 1)]) of each pass) instead of drawing it (see step_noise).
+
+  As in coaches/coachTrain.py, a step whose number is a multiple of `d_every` first updates
+  the discriminator, and when it is also a multiple of `r1_every` (StyleGAN2's D) applies
+  lazy R1; then the trained networks take their step. Each update is its own jitted,
+  data-parallel program (shard_map over "data", state replicated and donated), chosen here
+  from the step number: XLA:CPU runs convolution gradients inside a `lax.cond` 10-100x
+  slower than outside. The host knows the step number without waiting for the device: it
+  remembers the step array it returned last and reads `state.step` only for another state.
+  """
+
+  def __init__(self, setup: StepSetup, mesh: Mesh):
+    self.setup = setup
+    rep, data = P(), P(AXIS)
+    program = lambda f, ins, outs, donate: jax.jit(
+        jax.shard_map(functools.partial(f, setup), mesh=mesh, in_specs=ins, out_specs=outs,
+                      check_vma=False), donate_argnums=donate)
+    self.programs = {
+        "d": program(discriminator_step, (rep, data), (rep, rep, rep), (0,)),
+        "r1": program(r1_step, (rep, data, rep, rep), (rep, rep), (0,)),
+        "g": program(generator_step, (rep, data, rep, rep), (rep, rep), (0,))}
+    self._no_d = jax.device_put(no_discriminator_update(), NamedSharding(mesh, rep))
+    self._last = (None, 0)  # (the step array last returned, its value)
+
+  def due(self, step: int) -> tuple[str, ...]:
+    """The programs step number `step` (0-based, the state's before it) runs, in order."""
+    s = self.setup
+    if not (s.weights["adv"] > 0 and s.d_every > 0 and step % s.d_every == 0):
+      return ("g",)
+    return ("d", "r1", "g") if not s.patch and step % s.r1_every == 0 else ("d", "g")
+
+  def step_number(self, state: TrainState) -> int:
+    if state.step is self._last[0]:
+      return self._last[1]
+    from grain_jax.distributed import host_copy
+    return int(host_copy(state.step))
+
+  def __call__(self, state: TrainState, batch, loss_vars):
+    n = self.step_number(state)
+    due = self.due(n)
+    d_metrics = self._no_d
+    if "d" in due:
+      state, d_metrics, grads = self.programs["d"](state, batch)
+      if "r1" in due:
+        state, d_metrics = self.programs["r1"](state, batch, grads, d_metrics)
+    state, metrics = self.programs["g"](state, batch, loss_vars, d_metrics)
+    self._last = (state.step, n + 1)
+    return state, metrics
+
+  def lower(self, state: TrainState, batch, loss_vars) -> list:
+    """The jax.stages.Lowered programs of the step `state` is at (for costs and AOT)."""
+    due = self.due(self.step_number(state))
+    out, d_metrics = [], self._no_d
+    if "d" in due:
+      out.append(self.programs["d"].lower(state, batch))
+      _, d_metrics, grads = jax.eval_shape(self.programs["d"], state, batch)
+      if "r1" in due:
+        out.append(self.programs["r1"].lower(state, batch, grads, d_metrics))
+    out.append(self.programs["g"].lower(state, batch, loss_vars, d_metrics))
+    return out
+
+  def compile(self, state: TrainState, batch, loss_vars) -> tuple[list, list]:
+    """Compiles the programs of the step `state` is at ahead of time, side by side (XLA
+    compiles a program on one core); later steps of that kind run the compiled ones.
+    Returns their (Lowered, Compiled) lists."""
+    due = self.due(self.step_number(state))
+    lowered = self.lower(state, batch, loss_vars)
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+      compiled = list(pool.map(lambda low: low.compile(), lowered))
+    self.programs.update(zip(due, compiled))
+    return lowered, compiled
 
 
 # ------------------------------------------------------------------------------ setup
@@ -327,7 +442,7 @@ def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
 
 class Training(NamedTuple):
   state: TrainState   # replicated over the mesh
-  step: Callable      # jitted (state, batch, loss_vars) -> (state, metrics), state donated
+  step: Step          # (state, batch, loss_vars) -> (state, metrics), state donated
   model: GRAIN        # the networks the stage runs
 
 
@@ -355,4 +470,4 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
   state = create_train_state(cfg, variables, d_variables, make_tx(cfg.max_steps),
                              make_d_tx(cfg.max_steps))
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  return Training(state, make_parallel_step(functools.partial(train_step, setup), mesh), model)
+  return Training(state, Step(setup, mesh), model)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import losses, networks, optim, stages
+from grain_jax import distributed, losses, networks, optim, stages
 from grain_jax.model import GRAIN
 from grain_jax.quantizer import quantize_with_noise
 
@@ -326,7 +326,7 @@ class Step:
   the discriminator, and when it is also a multiple of `r1_every` (StyleGAN2's D) applies
   lazy R1; then the trained networks take their step. Each update is its own jitted,
   data-parallel program (shard_map over "data", state replicated and donated), chosen here
-  from the step number: XLA:CPU runs convolution gradients inside a `lax.cond` 10-100x
+  from the step number: XLA:CPU ran the convolution gradients inside a `lax.cond` 8-130x
   slower than outside. The host knows the step number without waiting for the device: it
   remembers the step array it returned last and reads `state.step` only for another state.
   """
@@ -352,10 +352,10 @@ class Step:
     return ("d", "r1", "g") if not s.patch and step % s.r1_every == 0 else ("d", "g")
 
   def step_number(self, state: TrainState) -> int:
+    """`state.step` on the host, without a device round trip for the state it returned."""
     if state.step is self._last[0]:
       return self._last[1]
-    from grain_jax.distributed import host_copy
-    return int(host_copy(state.step))
+    return int(distributed.host_copy(state.step))
 
   def __call__(self, state: TrainState, batch, loss_vars):
     n = self.step_number(state)

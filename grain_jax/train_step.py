@@ -266,10 +266,33 @@ def floating_leaves(tree) -> list:
           if jax.dtypes.issubdtype(jnp.asarray(a).dtype, jnp.inexact)]
 
 
+# Elements per finiteness check of all_finite: small leaves are checked together, flattened
+# and concatenated up to this many (16 MB of float32).
+FINITE_CHECK_ELEMENTS = 2 ** 22
+
+
 def all_finite(tree) -> jax.Array:
-  """Whether every floating-point value of `tree` is finite (a boolean scalar)."""
-  leaves = [jnp.all(jnp.isfinite(a)) for a in floating_leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  """Whether every floating-point value of `tree` is finite (a boolean scalar).
+
+  One reduction per leaf made XLA compile for minutes: a train state has thousands of leaves
+  (Ranger holds 5 copies of InvRRDB's 718), and XLA:CPU took ~20 ms to compile each reduction
+  (70 s of stage 1's 94 s at 256 px). So leaves of a dtype are flattened and concatenated into
+  groups of up to FINITE_CHECK_ELEMENTS, one reduction per group; a larger leaf is its own.
+  """
+  groups, pending = [], {}
+  for a in floating_leaves(tree):
+    a = jnp.ravel(a)
+    if a.size >= FINITE_CHECK_ELEMENTS:
+      groups.append([a])
+      continue
+    group = pending.setdefault(a.dtype, [])
+    if sum(b.size for b in group) + a.size > FINITE_CHECK_ELEMENTS:
+      groups.append(pending.pop(a.dtype))
+      group = pending.setdefault(a.dtype, [])
+    group.append(a)
+  groups += pending.values()
+  checks = [jnp.all(jnp.isfinite(jnp.concatenate(g) if len(g) > 1 else g[0])) for g in groups]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def step_noise(s: StepSetup, state: TrainState, batch) -> dict:

@@ -220,8 +220,8 @@ def initial_variables(cfg, placeholders: bool = False) -> tuple[dict, dict, dict
 
 def state_is_finite(state: train_step.TrainState) -> bool:
   """Whether the state's parameters, frozen networks, optimizer and discriminator states are
-  all finite. Checked on the host, leaf by leaf: a jitted check compiles one reduction per
-  leaf (3-8 s per stage at the demo size) for a check made once per run."""
+  all finite. Checked on the host, leaf by leaf: made once per run, it is not worth a
+  compilation."""
   return all(np.isfinite(distributed.host_copy(a)).all()
              for a in train_step.floating_leaves((state.learned(), state.frozen)))
 

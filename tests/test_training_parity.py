@@ -42,13 +42,6 @@ FOLDERS = {"rescaler": ("grain_invrrdb", "invrrdb"), "fea2code": ("grain_fea2cod
 # The original's loss_dict keys -> grain_jax's metric names.
 LOSSES = {"loss_hr_l2": "loss_l2", "loss_lr_l2": "loss_lr_l2", "loss_lpips": "loss_lpips",
           "loss_id": "loss_id", "adv_loss": "loss_adv", "loss": "loss"}
-# Stages whose programs compile in minutes on a CPU (InvRRDB's backward pass: ~90 s for stage
-# 1, ~200 s for fine-tuning, with --xla_backend_optimization_level=0): outside the suite's
-# time budget until that compile time comes down; GRAIN_SLOW_PARITY=1 runs them (they pass,
-# see README.md "Training parity").
-SLOW = ("invrrdb", "finetune")
-RUN_SLOW = bool(os.environ.get("GRAIN_SLOW_PARITY"))
-STAGES = tuple(s for s in recipe.STAGES if RUN_SLOW or s not in SLOW)
 # Tolerances, relative (see README.md there: the original against itself in float64 and with
 # another thread count stays well inside them).
 LOSS_REL = 1e-4
@@ -120,7 +113,7 @@ def trainings(parity_weights):
   longest, fine-tuning's, first)."""
   mesh = Mesh(np.array(jax.devices()[:1]), (train_step.AXIS,))
   out = {}
-  for stage in STAGES:
+  for stage in recipe.STAGES:
     cfg = training_config(stage, parity_model())
     cfg.init.weights = parity_weights
     cfg.batch_size = 1
@@ -133,7 +126,7 @@ def trainings(parity_weights):
     batch = step_batch(stage, 0, _reference(stage)[0])  # step 0 runs every program
     training.step.compile(training.state, batch, loss_vars)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    list(pool.map(compile_stage, sorted(STAGES, key=lambda s: s != "finetune")))
+    list(pool.map(compile_stage, sorted(recipe.STAGES, key=lambda s: s != "finetune")))
   return out
 
 
@@ -207,9 +200,7 @@ def param_errors(name: str, model_cfg, state_dict0: dict, trained: dict, ref: di
   return worst
 
 
-@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.skipif(
-    s not in STAGES, reason=f"{s}: compiles for minutes on a CPU; GRAIN_SLOW_PARITY=1 runs it"))
-    for s in recipe.STAGES])
+@pytest.mark.parametrize("stage", recipe.STAGES)
 def test_training_steps_match_the_original(stage, trainings, torch_ckpt):
   ref, full = _reference(stage)
   cfg, training, loss_vars = trainings[stage]

@@ -282,6 +282,26 @@ def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
     assert not trainer.state_is_finite(state(fields)), part
 
 
+def test_the_step_guard_finds_a_non_finite_value_in_any_group_of_leaves(monkeypatch):
+  """all_finite checks leaves in concatenated groups: a value in a small leaf of a group, in a
+  leaf too large to share a group, or in a leaf of another dtype is still found."""
+  import jax
+  import jax.numpy as jnp
+
+  from grain_jax import train_step
+  monkeypatch.setattr(train_step, "FINITE_CHECK_ELEMENTS", 8)
+  tree = {"a": jnp.ones(3), "b": jnp.ones((2, 2)), "c": jnp.ones(5), "big": jnp.ones((3, 4)),
+          "half": jnp.ones(2, jnp.bfloat16), "count": jnp.array([7], jnp.int32)}
+  check = jax.jit(train_step.all_finite)
+  assert check(tree)
+  for key in ("a", "b", "c", "big", "half"):
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+      leaf = tree[key]
+      broken = dict(tree, **{key: leaf.reshape(-1).at[-1].set(bad).reshape(leaf.shape)})
+      assert not check(broken), (key, bad)
+  assert train_step.all_finite({}) and train_step.all_finite({"n": jnp.arange(3)})
+
+
 def test_a_checkpoint_holding_a_nan_is_refused_and_kept(pictures, tmp_path, capsys):
   """The state is checked once, where a run starts: a checkpoint with a NaN (written by
   hand here, as a damaged or foreign one would be) stops the run before any step, and stays."""

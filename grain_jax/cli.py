@@ -268,7 +268,8 @@ def _evaluate_run(args, extra) -> int:
   if args.fid_reference and args.fid != "off":
     reference = fid.load_statistics(args.fid_reference, args.fid_dims)
   loaded = inference.load(args.checkpoint, args.compute_dtype)
-  metric_networks = evaluate.metric_networks(loaded, args.identity, args.fid, args.inception,
+  metric_networks = evaluate.metric_networks(evaluate.available_metric_networks(loaded),
+                                             args.identity, args.fid, args.inception,
                                              args.lpips)
   ev = evaluate.Evaluator(loaded.model, loaded.variables, args.batch_size or None,
                           with_images=args.save_images or args.report,

@@ -127,7 +127,7 @@ def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
     t = time.perf_counter()
     m = trainer.train_and_evaluate(
         stage_config(cfg, stage, train, heldout, previous, budget), stage_dir, progress,
-        started=trainer._now())
+        started=trainer.clock())
     steps = weights.read_meta(os.path.join(stage_dir, "weights"))["sources"]["trained_steps"]
     ran.append({"stage": stage, "steps": steps, "seconds": round(time.perf_counter() - t, 1)})
     print(f"stage {k}/{len(cfg.stages)} {stage}: {steps} steps in {ran[-1]['seconds']:.0f} s",
@@ -138,8 +138,8 @@ def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
                m[f"{out}_psnr"], m["bicubic_psnr"])
     previous = stage_dir
   loaded = inference.load(previous)
-  ev = evaluate.Evaluator(loaded.model, loaded.variables, None,
-                          evaluate.lpips_variables("auto", loaded), with_images=True,
+  lpips = evaluate.lpips_variables("auto", evaluate.available_metric_networks(loaded))
+  ev = evaluate.Evaluator(loaded.model, loaded.variables, None, lpips, with_images=True,
                           skip_reasons={"id": "no IR-SE50 weights in the demo",
                                         "fid": "no InceptionV3 weights in the demo"})
   m = evaluate.evaluate(ev, datasets.FolderSource(heldout), os.path.join(workdir, "eval"),

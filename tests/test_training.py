@@ -114,9 +114,9 @@ def test_interrupted_run_resumes_to_the_same_result(pictures, tmp_path, monkeypa
 
 
 def test_changed_config_is_refused_on_resume(pictures, tmp_path):
-  from grain_jax import trainer
+  from grain_jax import checkpoints, trainer
   trainer.train_and_evaluate(_cfg(pictures, max_steps=2), str(tmp_path), progress=False)
-  with pytest.raises(trainer.ConfigMismatchError, match=r"loss.l2: checkpoint 1.0, now 2.0"):
+  with pytest.raises(checkpoints.ConfigMismatchError, match=r"loss.l2: checkpoint 1.0, now 2.0"):
     trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.l2": 2.0}), str(tmp_path),
                                progress=False)
   # Run length and reporting may change: this continues the run.
@@ -129,7 +129,8 @@ def test_changed_config_is_refused_on_resume(pictures, tmp_path):
   del saved["loss"]["ssim"]
   saved["model"].pop("conv_weight_grad", None)  # a choice of how to run: may change
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  with pytest.raises(trainer.ConfigMismatchError, match=r"loss.ssim: checkpoint 0.0, now 0.5"):
+  with pytest.raises(checkpoints.ConfigMismatchError,
+                     match=r"loss.ssim: checkpoint 0.0, now 0.5"):
     trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.ssim": 0.5}),
                                str(tmp_path), progress=False)
   # 'xla' is what 'auto' means for these small convs: the same programs, no new compilation.
@@ -231,7 +232,7 @@ def test_a_time_budget_sets_the_steps_and_a_fixed_run_of_that_length_is_identica
   base = {"data.train": pictures, "lr_schedule": "cosine", "warmup_steps": 10,
           "checkpoint_every": 0, "log_every": 1}
   clock = iter([100.0, 105.0])
-  monkeypatch.setattr(trainer, "_now", lambda: next(clock))
+  monkeypatch.setattr(trainer, "clock", lambda: next(clock))
   budget = _cfg(pictures, **base, max_steps=1000, time_budget_s=120.0)
   trainer.train_and_evaluate(budget, str(tmp_path / "budget"), progress=False, started=0.0)
   assert [r["step"] for r in _log(tmp_path / "budget")] == list(range(1, 18))

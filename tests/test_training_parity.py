@@ -23,7 +23,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from conftest import DATA, convert_cli
-from grain_jax import networks, optim, train_step, trainer
+from grain_jax import networks, optim, train_step, train_weights
 from grain_jax.configs.model import grain_1024
 from grain_jax.configs.training import training_config
 
@@ -117,7 +117,7 @@ def trainings(parity_weights):
     cfg = training_config(stage, parity_model())
     cfg.init.weights = parity_weights
     cfg.batch_size = 1
-    variables, d_variables, loss_vars, _ = trainer.initial_variables(cfg)
+    variables, d_variables, loss_vars, _ = train_weights.initial_variables(cfg)
     out[stage] = (cfg, train_step.create_training(cfg, variables, d_variables, loss_vars, mesh),
                   loss_vars)
 

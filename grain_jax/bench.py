@@ -7,11 +7,11 @@
 Everything is measured after compilation (the median of --repeats calls), with random
 weights of the config's shapes (the cost does not depend on the values):
   * downscale / upscale: images per second at each batch size;
-  * training: seconds per step of each stage, every loss on (L2, LR-L2, LPIPS, identity,
-    adversarial; --losses picks fewer), the discriminator update not included (it runs every d_every steps;
+  * training: seconds per step of each stage with its loss terms (GRAIN's; --losses picks
+    others), the discriminator update not included (it runs every d_every steps;
     --d_update also times a step that includes it, R1 too; --guard_cost also times the step
     without the divergence guard, to show what skipping non-finite steps costs), with the
-    config's model.conv_weight_grad (bench.run(conv_weight_grad=...) sets another);
+    config's model.conv_weight_grad (Options.conv_weight_grad sets another);
   * FLOPs per image from XLA's cost analysis of the program (its HLO, as lowered), the TFLOP/s this
     achieves, and the TFLOP/s of one large 3x3 convolution timed on the same device in the
     same run: its ratio (fraction_of_ceiling) is what stays comparable across busy machines;
@@ -25,6 +25,7 @@ weights of the config's shapes (the cost does not depend on the values):
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -165,9 +166,6 @@ def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log,
   return cases
 
 
-LOSSES = ("l2", "lr_l2", "lpips", "id", "adv")
-
-
 def _time_steps(step, state, batch, loss_vars, repeats: int, reset_step: bool):
   """Median seconds of a compiled training step (repeats=0: the first call); its last loss."""
   t = time.perf_counter()
@@ -185,7 +183,7 @@ def _time_steps(step, state, batch, loss_vars, repeats: int, reset_step: bool):
 
 
 def bench_train(cfg, stage_names, batch: int, ceiling: float, repeats: int, d_update: bool,
-                log, losses=LOSSES, compile_only: bool = False,
+                log, losses=None, compile_only: bool = False,
                 guard_cost: bool = False) -> list[dict]:
   """One case per stage (and per variant: with the D update too if d_update; without the
   divergence guard too if guard_cost)."""
@@ -195,15 +193,18 @@ def bench_train(cfg, stage_names, batch: int, ceiling: float, repeats: int, d_up
 
   hr = int(cfg.hr_size)
   variables = placeholder_variables(GRAIN.from_config(cfg))
+  from grain_jax import losses as losses_lib
   loss_vars = {n: placeholder_values(networks.expected_variables(n, cfg))
-               for n in ("lpips", "irse50")}
+               for n in losses_lib.loss_networks({k: 1.0 for k in losses or losses_lib.LOSSES})}
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   rng = np.random.default_rng(0)
   batch_arrays = {k: rng.uniform(-1, 1, (batch, hr, hr, 3)).astype(np.float32) for k in "xy"}
   cases = []
   for name in stage_names:
     tcfg = training_config(name, model=cfg)
-    tcfg.loss.update({k: 0.0 for k in LOSSES if k not in losses})
+    if losses is not None:  # those on at their weight (1 where it is 0: the time does not
+      # depend on it), the others off; None: the stage's own (GRAIN's) terms
+      tcfg.loss.update({k: (v or 1.0) if k in losses else 0.0 for k, v in tcfg.loss.items()})
     d_vars = placeholder_values(networks.expected_variables(stages.get(name).discriminator, cfg))
     variants = ([("", 0, True)] + ([("_with_d", 1, True)] if d_update else [])
                 + ([("_unguarded", 0, False)] if guard_cost else []))
@@ -275,39 +276,54 @@ HEADER = (f"  {'case':<24} {'batch':>5} {'rate':>16} {'TFLOP/img':>9} {'TFLOP/s'
           f"{'ceil%':>7} {'mem GB':>7}")
 
 
-def run(config: str = "1024", batch_sizes=(1,), stage_names=stages.NAMES, train_batch: int = 1,
-        compute_dtype: str = "float32", remat: bool = False, repeats: int = 3,
-        d_update: bool = False, checkpoint: str = "", data: str = "", max_images: int = 16,
-        losses=LOSSES, compile_only: bool = False, log=print,
-        guard_cost: bool = False, conv_weight_grad: str | None = None) -> dict:
-  """Runs the benchmark; returns the JSON-able result (see the module docstring).
+@dataclasses.dataclass
+class Options:
+  """What `run` measures (the `grain-jax bench` options)."""
+  config: str = "1024"           # a built-in model name or a config file
+  batch_sizes: tuple = (1,)      # of downscale / upscale (() skips them)
+  stages: tuple = stages.NAMES   # training stages to time (() skips training)
+  train_batch: int = 1           # global batch of the training steps
+  compute_dtype: str = "float32"
+  remat: bool = False
+  repeats: int = 3               # timed calls per case (0: time the first call)
+  d_update: bool = False         # also time a step with the discriminator update
+  guard_cost: bool = False       # also time each step without the divergence guard
+  losses: tuple | None = None    # loss terms of the training steps (None: each stage's own)
+  conv_weight_grad: str | None = None  # layers.CONV_WEIGHT_GRAD; None: the config's
+  compile_only: bool = False     # FLOPs and XLA's memory estimate only
+  checkpoint: str = ""           # with data: hr PSNR in float32 vs bfloat16
+  data: str = ""
+  max_images: int = 16
 
-  conv_weight_grad: the model's `conv_weight_grad` (layers.CONV_WEIGHT_GRAD) for the training
-  steps; None keeps the config's ('auto' in the built-in configs)."""
-  cfg = model_config(config)
-  cfg.compute_dtype = compute_dtype
-  cfg.remat = remat
-  if conv_weight_grad is not None:
-    cfg.conv_weight_grad = conv_weight_grad
+
+def run(options: Options = Options(), log=print) -> dict:
+  """Runs the benchmark; returns the JSON-able result (see the module docstring)."""
+  o = options
+  cfg = model_config(o.config)
+  cfg.compute_dtype = o.compute_dtype
+  cfg.remat = o.remat
+  if o.conv_weight_grad is not None:
+    cfg.conv_weight_grad = o.conv_weight_grad
   wgrad = layers.conv_weight_grad_of(cfg)
-  ceiling = conv_ceiling(jnp.dtype(compute_dtype), repeats)
-  result = dict(device=device_description(), config=config, hr_size=int(cfg.hr_size),
-                lr_size=int(cfg.lr_size), compute_dtype=compute_dtype, remat=remat,
-                conv_weight_grad=wgrad, compile_only=compile_only, jax_version=jax.__version__,
-                ceiling_tflops=ceiling["tflops"], ceiling=ceiling, cases=[])
-  log(f"{result['device']}; GRAIN {cfg.hr_size} <-> {cfg.lr_size}, {compute_dtype}"
-      f"{', remat' if remat else ''}, conv weight gradients: {wgrad}")
+  ceiling = conv_ceiling(jnp.dtype(o.compute_dtype), o.repeats)
+  result = dict(device=device_description(), config=o.config, hr_size=int(cfg.hr_size),
+                lr_size=int(cfg.lr_size), compute_dtype=o.compute_dtype, remat=o.remat,
+                conv_weight_grad=wgrad, compile_only=o.compile_only,
+                jax_version=jax.__version__, ceiling_tflops=ceiling["tflops"], ceiling=ceiling,
+                cases=[])
+  log(f"{result['device']}; GRAIN {cfg.hr_size} <-> {cfg.lr_size}, {o.compute_dtype}"
+      f"{', remat' if o.remat else ''}, conv weight gradients: {wgrad}")
   log(f"ceiling: one {ceiling['shape']} convolution, {ceiling['tflops']:.3f} TFLOP/s "
-      f"({compute_dtype})")
+      f"({o.compute_dtype})")
   log(HEADER)
-  if batch_sizes:
-    result["cases"] += bench_rescale(cfg, batch_sizes, ceiling["tflops"], repeats, log,
-                                     compile_only)
-  if stage_names:
-    result["cases"] += bench_train(cfg, stage_names, train_batch, ceiling["tflops"], repeats,
-                                   d_update, log, losses, compile_only, guard_cost)
-  if checkpoint:
-    result["precision"] = precision_effect(checkpoint, data, max_images, log)
+  if o.batch_sizes:
+    result["cases"] += bench_rescale(cfg, o.batch_sizes, ceiling["tflops"], o.repeats, log,
+                                     o.compile_only)
+  if o.stages:
+    result["cases"] += bench_train(cfg, o.stages, o.train_batch, ceiling["tflops"], o.repeats,
+                                   o.d_update, log, o.losses, o.compile_only, o.guard_cost)
+  if o.checkpoint:
+    result["precision"] = precision_effect(o.checkpoint, o.data, o.max_images, log)
   return result
 
 

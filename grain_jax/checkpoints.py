@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from grain_jax import distributed, files, train_step
+from grain_jax import distributed, files, losses, train_step
 from grain_jax import weights as weights_lib
 from grain_jax.input_pipeline import TrainData
 
@@ -34,9 +34,12 @@ RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "che
                      *(f"model.{k}" for k in weights_lib.RUN_OPTIONS))
 
 
-# Fields added by later versions, at the value that reproduces what earlier versions did: a
-# checkpoint's config without one matches that value.
-ADDED_FIELDS = {"loss.ssim": 0.0, "model.fea2code.n_codes": 0}
+def added_fields() -> dict:
+  """Fields added by later versions, at the value that reproduces what earlier versions did: a
+  checkpoint's config without one matches that value (a loss term it did not have was off)."""
+  return {"model.fea2code.n_codes": 0, **{f"loss.{k}": 0.0 for k in losses.LOSSES}}
+
+
 # The demo's own fields (in its stage configs): read by the demo, never by a training run.
 DEMO_PREFIXES = ("demo", "stage_")
 
@@ -60,7 +63,7 @@ def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     with open(path) as f:
       old = json.load(f)
     a, b = (traverse_util.flatten_dict(d, sep=".") for d in (old, new))
-    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
+    a = {**{k: v for k, v in added_fields().items() if k in b}, **a}
     diff = sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
                   and not k.startswith(DEMO_PREFIXES))

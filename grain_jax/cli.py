@@ -23,7 +23,7 @@ import sys
 from typing import Callable
 
 from grain_jax import (bench, configs, convert, datasets, demo, evaluate, fid, files, inception,
-                       inference, layers, networks, rescale, stages)
+                       inference, layers, losses, metrics, networks, rescale, stages)
 
 EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
 EXIT_ERROR = 2
@@ -276,9 +276,8 @@ def _evaluate_run(args, extra) -> int:
                           fid_dims=args.fid_dims, **metric_networks)
   s = evaluate.evaluate(ev, source, args.out, args.workers, args.max_images,
                         fid_reference=reference, write_report=args.report)
-  show = [k for k in ("hr_psnr", "hr_ssim", "hr_lpips", "hr_id", "hr_fid", "hr_kid",
-                      "bicubic_psnr", "bicubic_ssim", "bicubic_lpips", "bicubic_id",
-                      "bicubic_fid", "bicubic_kid", "lr_psnr") if s.get(k) is not None]
+  show = [k for k in [f"{o}_{m}" for o in ("hr", "bicubic") for m in metrics.METRICS]
+          + ["lr_psnr"] if s.get(k) is not None]
   print(f"{s['num_images']} images ({s['num_failed']} failed) in {s['seconds']:.1f} s: "
         + ", ".join(f"{k} {s[k]:.4f}" for k in show))
   if args.report:
@@ -399,8 +398,9 @@ def _bench_arguments(p):
   p.add_argument("--train_batch", type=int, default=1, help="global batch of the training step")
   _add_compute_dtype(p)
   p.add_argument("--remat", action="store_true", help="rematerialise the heavy blocks")
-  p.add_argument("--losses", default=",".join(bench.LOSSES),
-                 help="loss terms of the timed training step")
+  p.add_argument("--losses", default="",
+                 help=f"loss terms of the timed training steps, from "
+                      f"{', '.join(losses.LOSSES)} (default: each stage's own, GRAIN's)")
   p.add_argument("--d_update", action="store_true",
                  help="also time a training step that includes the discriminator update")
   p.add_argument("--guard_cost", action="store_true",
@@ -436,21 +436,21 @@ def _comma_list(value: str, what: str, choices=None, cast=str) -> list:
 
 
 def _bench_run(args, extra) -> int:
-
   sizes = _comma_list(args.batch_sizes, "--batch_sizes", cast=int)
-  stage_names = _comma_list(args.stages, "--stages", stages.NAMES)
-  losses = _comma_list(args.losses, "--losses", bench.LOSSES)
   if min(sizes + [args.train_batch]) < 1 or args.repeats < 0:
     raise ValueError("batch sizes must be >= 1 and --repeats >= 0")
-  if not losses:
-    raise ValueError(f"--losses: choose from {', '.join(bench.LOSSES)}")
   if bool(args.checkpoint) != bool(args.data):
     raise ValueError("--checkpoint and --data go together")
+  options = bench.Options(
+      config=args.config, batch_sizes=tuple(sizes),
+      stages=tuple(_comma_list(args.stages, "--stages", stages.NAMES)),
+      train_batch=args.train_batch, compute_dtype=args.compute_dtype, remat=args.remat,
+      repeats=args.repeats, d_update=args.d_update, guard_cost=args.guard_cost,
+      losses=tuple(_comma_list(args.losses, "--losses", losses.LOSSES)) or None,
+      conv_weight_grad=args.conv_weight_grad, compile_only=args.compile_only,
+      checkpoint=args.checkpoint, data=args.data, max_images=args.max_images)
   log = (lambda *_: None) if args.json else (lambda s: print(s, flush=True))
-  result = bench.run(args.config, sizes, stage_names, args.train_batch, args.compute_dtype,
-                     args.remat, args.repeats, args.d_update, args.checkpoint, args.data,
-                     args.max_images, losses, args.compile_only, log, args.guard_cost,
-                     args.conv_weight_grad)
+  result = bench.run(options, log)
   if args.json:
     print(json.dumps(result, indent=1))
   return EXIT_FAILED_INPUTS if any("error" in c for c in result["cases"]) else 0

@@ -38,9 +38,8 @@ import numpy as np
 import scipy.linalg
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax import files, images, inception, losses, metrics, networks, prefetch
+from grain_jax import files, images, inception, metrics, networks, prefetch
 from grain_jax import report as report_page
-from grain_jax.lpips import LPIPS
 
 OUTPUTS = ("hr", "hr_inv", "hr_gan")
 FOLDERS = {key: folder for key, folder, _ in report_page.COLUMNS}  # image key -> folder under OUT
@@ -52,13 +51,13 @@ CONVENTIONS = ("8-bit RGB, data range 255; SSIM 11x11 Gaussian (sigma 1.5), chan
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults
 
 
-def metric_names(lr_size: int, with_lpips: bool, outputs=OUTPUTS,
-                 with_identity: bool = False) -> list[str]:
-  """The per-image metric keys, in CSV column order."""
-  names = []
-  for k in [o for o in OUTPUTS if o in outputs] + ["bicubic"]:
-    names += [f"{k}_psnr", f"{k}_ssim"] + ([f"{k}_lpips"] if with_lpips else [])
-    names += [f"{k}_id"] if with_identity else []
+def metric_names(lr_size: int, outputs=OUTPUTS, networks=frozenset()) -> list[str]:
+  """The per-image metric keys, in CSV column order: each output's (and bicubic's) metrics of
+  metrics.METRICS whose network is among `networks`, then the LR's."""
+  rows = [m for m in metrics.METRICS.values()
+          if m.per_image is not None and (m.network is None or m.network in networks)]
+  names = [f"{k}_{m.name}" for k in [o for o in OUTPUTS if o in outputs] + ["bicubic"]
+           for m in rows]
   names.append("lr_psnr")
   if lr_size >= metrics.SSIM_WIN:
     names.append("lr_ssim")
@@ -99,23 +98,23 @@ class Evaluator:
                        f"devices")
     self.batch_size = batch_size
     self.hr_size, self.lr_size = model.hr_size, model.lr_size
-    self.with_lpips = lpips_params is not None
-    self.with_identity = irse50_params is not None
-    self.with_fid = inception_params is not None
+    metric_params = {"lpips": lpips_params, "irse50": irse50_params,
+                     "inception": inception_params}
+    self.networks = frozenset(n for n, v in metric_params.items() if v is not None)
+    self.with_fid = "inception" in self.networks
     if fid_dims not in inception.DIMS:
       raise ValueError(f"FID dims must be one of {inception.DIMS}, got {fid_dims}")
     self.fid_dims = fid_dims
     self.with_images = with_images
-    self.names = metric_names(self.lr_size, self.with_lpips, self.outputs, self.with_identity)
+    self.names = metric_names(self.lr_size, self.outputs, self.networks)
     self.set_outputs = self.outputs + ("bicubic",) if self.with_fid else ()
     self.skipped = self._skipped(skip_reasons or {})
     self._model = model
     self._replicated = NamedSharding(self.mesh, P())
     self.data_sharding = NamedSharding(self.mesh, P("data"))
     self.variables = jax.device_put(variables, self._replicated)
-    self.metric_params = jax.device_put(
-        {"lpips": lpips_params or {}, "irse50": irse50_params or {},
-         "inception": inception_params or {}}, self._replicated)
+    self.metric_params = jax.device_put({n: v or {} for n, v in metric_params.items()},
+                                        self._replicated)
     step = jax.jit(self._step, in_shardings=(self._replicated, self._replicated,
                                              self.data_sharding),
                    out_shardings=self.data_sharding)
@@ -131,11 +130,10 @@ class Evaluator:
     """{metric key: why it is not computed} for the metrics this evaluator leaves out."""
     judged = self.outputs + ("bicubic",)
     out = {}
-    for group, on in (("lpips", self.with_lpips), ("id", self.with_identity),
-                      ("fid", self.with_fid), ("kid", self.with_fid)):
-      if not on:
-        why = reasons.get("fid" if group == "kid" else group, "not requested")
-        out.update({f"{k}_{group}": why for k in judged})
+    for m in metrics.METRICS.values():
+      if m.network is not None and m.network not in self.networks:
+        why = reasons.get(m.switch or m.name, "not requested")
+        out.update({f"{k}_{m.name}": why for k in judged})
     if "lr_ssim" not in self.names:
       out["lr_ssim"] = f"the LR is smaller than SSIM's {metrics.SSIM_WIN}x{metrics.SSIM_WIN} window"
     return out
@@ -160,20 +158,11 @@ class Evaluator:
     judged = self.outputs + ("bicubic",)
     q = {k: metrics.quantize_image(out[k]) for k in judged}
     q_lr, q_bic_lr = metrics.quantize_image(lr), metrics.quantize_image(bic_lr)
-    signed = lambda a: a / 127.5 - 1.0  # the 8-bit images as the networks' [-1, 1]
     res = {}
-    if self.with_identity:
-      embed = lambda a: losses.identity_embedding(metric_params["irse50"], signed(a))
-      e_gt = embed(gt)
-    for k in judged:
-      res[f"{k}_psnr"] = metrics.psnr(q[k], gt)
-      res[f"{k}_ssim"] = metrics.ssim(q[k], gt)
-      if self.with_lpips:
-        res[f"{k}_lpips"] = LPIPS().apply(metric_params["lpips"], signed(q[k]), signed(gt))
-      if self.with_identity:
-        e = embed(q[k])
-        res[f"{k}_id"] = jnp.sum(e * e_gt, -1) / (
-            jnp.linalg.norm(e, axis=-1) * jnp.linalg.norm(e_gt, axis=-1))
+    for k in judged:  # the ground truth's network features are computed once (XLA's CSE)
+      for m in metrics.METRICS.values():
+        if f"{k}_{m.name}" in self.names:
+          res[f"{k}_{m.name}"] = m.per_image(metric_params, q[k], gt)
     if self.with_fid:  # one pass of the network over every output and the ground truth
       keys = self.set_outputs + ("gt",)
       feats = inception.FIDInceptionV3(self.fid_dims).apply(

@@ -1,4 +1,6 @@
-"""GRAIN's training losses (coaches/coachTrain.py `calc_loss` and the discriminator steps).
+"""GRAIN's training losses (coaches/coachTrain.py `calc_loss` and the discriminator steps), and
+LOSSES, the table of the generator's loss terms that configs, the training step, the trainer
+and the benchmark read (a new loss is one row there).
 
 All take NHWC images in [-1, 1] and return scalars averaged over the batch, as the original's
 `F.mse_loss`, pSp's LPIPS and IDLoss do. Under data parallelism each device computes the
@@ -7,6 +9,9 @@ one loss that couples samples, the relativistic-average GAN loss, takes `axis_na
 batch mean is the mean over all devices.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +40,7 @@ def lr_l2(lr: jax.Array, target: jax.Array) -> jax.Array:
 
 def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
   """1 - SSIM (the evaluation's: 11x11 Gaussian window, data range 255), batch mean. Not in
-  GRAIN; the CPU demo uses it beside L2, which alone favours blur over structure."""
+  GRAIN (off by default): a structure term for those who want one beside L2."""
   return 1.0 - jnp.mean(_ssim((a + 1.0) * 127.5, (b + 1.0) * 127.5))
 
 
@@ -101,3 +106,57 @@ def r1_penalty(logits_fn, real: jax.Array) -> jax.Array:
   """
   grad = jax.grad(lambda x: jnp.sum(logits_fn(x)))(real)
   return jnp.mean(jnp.sum(jnp.square(grad).reshape(grad.shape[0], -1), axis=1))
+
+
+# ------------------------------------------------------------------------------ the table
+
+class LossInputs(NamedTuple):
+  """What a generator loss term may read."""
+  hr: jax.Array           # the stage's output image
+  y: jax.Array            # its target
+  outputs: dict           # every output of the forward pass (lr: the quantized LR, ...)
+  networks: dict          # loss-network variables ({'lpips': ..., 'irse50': ...})
+  adversarial: Callable   # hr -> the stage's adversarial generator loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """One generator loss term: config key loss.<name>, logged as loss_<name>."""
+  name: str
+  fn: Callable[[LossInputs], jax.Array]
+  weight: float | None      # default weight (GRAIN's); None: the stage's (stages.Stage)
+  networks: tuple = ()      # loss networks it runs (their weights must be loaded)
+  discriminator: bool = False  # needs the stage's discriminator (and its updates)
+  always: bool = False      # computed and logged even at weight 0 (the reference metric)
+  doc: str = ""
+
+
+LOSSES = {row.name: row for row in (
+    Loss("l2", lambda i: l2(i.hr, i.y), 1.0, always=True,
+         doc="mean squared error to the target"),
+    Loss("lr_l2", lambda i: lr_l2(i.outputs["lr"], i.y), None,
+         doc="the quantized LR against a bilinear resize of the target"),
+    Loss("lpips", lambda i: lpips(i.networks["lpips"], i.hr, i.y), 0.8, networks=("lpips",),
+         doc="LPIPS (AlexNet)"),
+    Loss("id", lambda i: identity(i.networks["irse50"], i.hr, i.y), 0.1,
+         networks=("irse50",), doc="1 - cosine of IR-SE50 face embeddings"),
+    Loss("adv", lambda i: i.adversarial(i.hr), 0.01, discriminator=True,
+         doc="relativistic (stage 1) or non-saturating (stages 2-4) GAN loss"),
+    Loss("ssim", lambda i: ssim(i.hr, i.y), 0.0, doc="1 - SSIM (not GRAIN's)"),
+)}
+
+
+def default_weights(stage) -> dict:
+  """{loss name: default weight} for a stages.Stage."""
+  return {n: (row.weight if row.weight is not None else getattr(stage, n))
+          for n, row in LOSSES.items()}
+
+
+def loss_networks(weights: dict) -> list:
+  """The loss networks the terms with a positive weight run."""
+  return sorted({n for k, row in LOSSES.items() if weights.get(k, 0) > 0 for n in row.networks})
+
+
+def uses_discriminator(weights: dict) -> bool:
+  """Whether a term with a positive weight needs the stage's discriminator."""
+  return any(row.discriminator and weights.get(k, 0) > 0 for k, row in LOSSES.items())

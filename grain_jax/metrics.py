@@ -10,8 +10,14 @@ below, which the tests check on the same arrays):
   left out: `skimage.metrics.structural_similarity(a, b, channel_axis=-1, data_range=255,
   gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
 No Y-channel conversion and no border crop (GRAIN's outputs are full faces).
+
+METRICS is the table of the metrics an evaluation reports per output (evaluate.py computes
+them, report.py and the CLI show them): a new per-image metric is one row there.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +87,44 @@ def bicubic_baseline(x: jax.Array, lr_size: int) -> tuple[jax.Array, jax.Array]:
   its bicubic upscale back to x's size)."""
   lr = quantize(bicubic_resize(x, lr_size))
   return lr, bicubic_resize(lr, x.shape[1])
+
+
+# ------------------------------------------------------------------------------ the table
+
+def _signed(a: jax.Array) -> jax.Array:
+  return a / 127.5 - 1.0  # 8-bit levels as the networks' [-1, 1]
+
+
+def _lpips(nets: dict, out: jax.Array, gt: jax.Array) -> jax.Array:
+  from grain_jax.lpips import LPIPS
+  return LPIPS().apply(nets["lpips"], _signed(out), _signed(gt))
+
+
+def _identity(nets: dict, out: jax.Array, gt: jax.Array) -> jax.Array:
+  from grain_jax.losses import identity_embedding
+  e, e_gt = (identity_embedding(nets["irse50"], _signed(a)) for a in (out, gt))
+  return jnp.sum(e * e_gt, -1) / (jnp.linalg.norm(e, axis=-1) * jnp.linalg.norm(e_gt, axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """One metric of each judged output: key {output}_{name} in metrics.json and per_image.csv."""
+  name: str
+  per_image: Callable | None  # (networks' variables, 8-bit output, 8-bit input) -> (N,);
+                              # None: a set metric (FID/KID, from evaluate.set_metrics)
+  digits: int                 # decimals shown
+  network: str | None = None  # the metric network it runs (evaluate.METRIC_NETWORKS)
+  switch: str = ""            # the option that turns it off (OFF_REASONS key); default name
+  label: str = ""             # as shown; default NAME
+  doc: str = ""
+
+
+METRICS = {row.name: row for row in (
+    Metric("psnr", lambda nets, a, b: psnr(a, b), 2, doc="dB, 8-bit RGB"),
+    Metric("ssim", lambda nets, a, b: ssim(a, b), 4, doc="11x11 Gaussian window"),
+    Metric("lpips", _lpips, 4, network="lpips", doc="LPIPS AlexNet v0.1"),
+    Metric("id", _identity, 4, network="irse50", doc="cosine of IR-SE50 embeddings"),
+    Metric("fid", None, 2, network="inception", doc="Frechet Inception distance (set)"),
+    Metric("kid", None, 4, network="inception", switch="fid",
+           doc="kernel Inception distance (set)"),
+)}

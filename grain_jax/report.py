@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from grain_jax import files
+from grain_jax.metrics import METRICS
 
 COLUMNS = (("lr", "lr", "LR (nearest)"), ("bicubic", "bicubic", "bicubic"),
            ("hr_inv", "invrrdb", "hr_inv (InvRRDB)"), ("hr_gan", "stylegan", "hr_gan (StyleGAN2)"),
@@ -31,8 +32,6 @@ COLUMNS = (("lr", "lr", "LR (nearest)"), ("bicubic", "bicubic", "bicubic"),
 
 THUMB_SIZE = 128
 KINDS = ("hr", "hr_inv", "hr_gan", "bicubic")  # the judged outputs, in the means table's order
-METRICS = ("psnr", "ssim", "lpips", "id", "fid", "kid")
-DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "id": 4, "fid": 2, "kid": 4, "gain": 2}
 PAGE_SIZE = 100
 
 
@@ -116,7 +115,7 @@ def _num(v) -> float | None:
 
 def _fmt(v, metric: str) -> str:
   """A summary value: None -> 'n/a' (no finite value), else fixed decimals for the metric."""
-  return "n/a" if _num(v) is None else f"{float(v):.{DIGITS.get(metric, 4)}f}"
+  return "n/a" if _num(v) is None else f"{float(v):.{_digits(metric)}f}"
 
 
 def _metric_keys(rows: list[dict]) -> list[str]:
@@ -127,9 +126,19 @@ def _metric_keys(rows: list[dict]) -> list[str]:
   return [k for k in known if k in present] + sorted(present - set(known))
 
 
+def _digits(metric: str) -> int:
+  """Decimals of a metric (metrics.METRICS; the PSNR gain over bicubic as PSNR)."""
+  return METRICS["psnr" if metric == "gain" else metric].digits if (
+      metric in METRICS or metric == "gain") else 4
+
+
+def _label(metric: str) -> str:
+  return (METRICS[metric].label or metric.upper()) if metric in METRICS else metric
+
+
 def _metric_label(key: str) -> str:
   kind, _, metric = key.rpartition("_")
-  return f"{'LR' if kind == 'lr' else kind} {metric.upper()}" if metric in METRICS else key
+  return f"{'LR' if kind == 'lr' else kind} {_label(metric)}" if metric in METRICS else key
 
 
 def _url(*parts: str) -> str:
@@ -227,7 +236,7 @@ def _means(summary: dict, labels: dict) -> str:
   out = []
   if kinds:
     out.append("<table class=means><tr><th>output</th>"
-               + "".join(f"<th>{m.upper()}</th>" for m in metrics) + "</tr>")
+               + "".join(f"<th>{html.escape(_label(m))}</th>" for m in metrics) + "</tr>")
     for k in kinds:
       cells = []
       for m in metrics:
@@ -244,11 +253,13 @@ def _means(summary: dict, labels: dict) -> str:
         if f"lr_{m}" in summary]
   if lr:
     out.append(f"<p>LR against a bicubic 8-bit downscale: {', '.join(lr)}.</p>")
-  skipped = summary.get("skipped_metrics") or {}
-  if skipped:
+  by_reason = {}  # one line per reason: a missing network skips a metric of every output
+  for k, why in (summary.get("skipped_metrics") or {}).items():
+    by_reason.setdefault(str(why), []).append(str(k))
+  if by_reason:
     out.append("<p>Skipped metrics:</p><ul>" + "".join(
-        f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>"
-        for k, v in skipped.items()) + "</ul>")
+        f"<li><b>{html.escape(', '.join(keys))}</b>: {html.escape(why)}</li>"
+        for why, keys in by_reason.items()) + "</ul>")
   return "".join(out)
 
 
@@ -314,7 +325,7 @@ def write_report(out_dir: str, summary: dict, rows: list[dict], png_names: list[
   metrics = ([{"key": "gain", "label": f"{plot_key} − bicubic PSNR", "digits": 2}]
              if plot_key else [])
   metrics += [{"key": k, "label": _metric_label(k),
-               "digits": DIGITS.get(k.rpartition("_")[2], 4)} for k in keys]
+               "digits": _digits(k.rpartition("_")[2])} for k in keys]
   data = {"thumb_size": THUMB_SIZE, "page_size": PAGE_SIZE,
           "columns": [{"key": k, "label": label} for k, _, label in columns],
           "metrics": metrics,

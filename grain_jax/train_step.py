@@ -15,7 +15,8 @@ Each step follows coaches/coachTrain.py:
      (gamma / 2 * r1_every * R1). As in the original, whose gradients are not zeroed
      between the two `d_optim.step()` calls, that second update uses the logistic-loss
      gradient plus the R1 gradient.
-  2. the trained networks take one step on l2 + lr_l2 + lpips + id + adv (weights from config).
+  2. the trained networks take one step on the loss terms of losses.LOSSES (GRAIN's: l2 + lr_l2
+     + lpips + id + adv), weighted by the config's loss.*.
 The StyleGAN2 generator is never trained; networks a stage does not train are kept in
 `TrainState.frozen`. The divergence guard skips an update whose loss or new state is not
 finite (the whole step when its input is bad).
@@ -43,7 +44,6 @@ from grain_jax.model import GRAIN
 from grain_jax.quantizer import quantize_with_noise
 
 AXIS = "data"
-LOSS_TERMS = ("l2", "lr_l2", "lpips", "id", "adv", "ssim")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -239,25 +239,20 @@ def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_v
   """(weighted total, {term: value}) of the stage's output against the targets."""
   out = forward(s.model, variables_of(state.replace(params=trained)), x, *noise, s.stage)
   hr = out[s.stage.output]
-  w = s.weights
-  terms = {"l2": losses.l2(hr, y)}
-  if w["lr_l2"] > 0:
-    terms["lr_l2"] = losses.lr_l2(out["lr"], y)
-  if w["ssim"] > 0:
-    terms["ssim"] = losses.ssim(hr, y)
-  if w["lpips"] > 0 and "lpips" in s.loss_nets:
-    terms["lpips"] = losses.lpips(loss_vars["lpips"], hr, y)
-  if w["id"] > 0 and "irse50" in s.loss_nets:
-    terms["id"] = losses.identity(loss_vars["irse50"], hr, y)
-  if w["adv"] > 0:
+
+  def adversarial(img):
     d_model = optim.model_params(state.d_params)
-    fake_logits, _ = discriminator_logits(s, d_model, state.d_batch_stats, hr)
+    fake_logits, _ = discriminator_logits(s, d_model, state.d_batch_stats, img)
     if s.patch:
       real_logits, _ = discriminator_logits(s, d_model, state.d_batch_stats, y)
-      terms["adv"] = losses.relativistic_generator(fake_logits, real_logits, s.axis_name)
-    else:
-      terms["adv"] = losses.nonsaturating_generator(fake_logits)
-  return sum(w[k] * v for k, v in terms.items()), terms
+      return losses.relativistic_generator(fake_logits, real_logits, s.axis_name)
+    return losses.nonsaturating_generator(fake_logits)
+
+  inputs = losses.LossInputs(hr, y, out, loss_vars, adversarial)
+  terms = {name: row.fn(inputs) for name, row in losses.LOSSES.items()
+           if name in s.weights and (row.always or s.weights[name] > 0)
+           and set(row.networks) <= s.loss_nets}
+  return sum(s.weights[k] * v for k, v in terms.items()), terms
 
 
 def floating_leaves(tree) -> list:
@@ -370,7 +365,7 @@ class Step:
   def due(self, step: int) -> tuple[str, ...]:
     """The programs step number `step` (0-based, the state's before it) runs, in order."""
     s = self.setup
-    if not (s.weights["adv"] > 0 and s.d_every > 0 and step % s.d_every == 0):
+    if not (losses.uses_discriminator(s.weights) and s.d_every > 0 and step % s.d_every == 0):
       return ("g",)
     return ("d", "r1", "g") if not s.patch and step % s.r1_every == 0 else ("d", "g")
 
@@ -487,7 +482,7 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
     disc = disc.clone(axis_name=AXIS)  # synchronised BatchNorm over the devices
   model = GRAIN.from_config(cfg.model, stage.runs)
   setup = StepSetup(model, disc, make_tx, make_d_tx, stage,
-                    {k: float(cfg.loss[k]) for k in LOSS_TERMS},
+                    {k: float(cfg.loss[k]) for k in losses.LOSSES if k in cfg.loss},
                     frozenset(loss_vars), int(cfg.d_every), int(cfg.r1_every),
                     float(cfg.r1_gamma), skip_nonfinite=skip_nonfinite)
   state = create_train_state(cfg, variables, d_variables, make_tx(cfg.max_steps),

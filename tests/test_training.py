@@ -271,3 +271,36 @@ def test_demo_pipeline_with_fixed_steps(tmp_path, capsys):
   grid = np.asarray(Image.open(tmp_path / "demo" / "comparison.png"))
   # Two held-out pictures -> two rows of six 32 px panels enlarged 3x, with label strips.
   assert grid.shape[1] == 6 * 96 and grid.shape[0] > 2 * 96
+
+
+def test_a_new_row_in_the_loss_table_reaches_every_consumer(pictures, tmp_path, monkeypatch,
+                                                            capsys):
+  """A loss is one row of losses.LOSSES: its weight reaches the training configs (and a
+  checkpoint without it resumes as 'off'), the step computes and logs it, the bench and the
+  demo take it."""
+  import jax.numpy as jnp
+  from grain_jax import checkpoints, cli, losses, trainer
+  from grain_jax.configs import demo
+
+  tv = lambda i: jnp.mean(jnp.abs(jnp.diff(i.hr, axis=1))) + jnp.mean(jnp.abs(jnp.diff(i.hr, axis=2)))
+  monkeypatch.setitem(losses.LOSSES, "tv", losses.Loss("tv", tv, 0.5, doc="total variation"))
+
+  assert _cfg(pictures).loss.tv == 0.5
+  assert checkpoints.added_fields()["loss.tv"] == 0.0
+  assert all(s["tv"] == 0.0 for s in demo.get_config().stage_loss.values())
+
+  logged, weights = {}, {}
+  for tv_weight in (0.5, 0.0):
+    cfg = _cfg(pictures, max_steps=1, checkpoint_every=0, **{"loss.tv": tv_weight})
+    trainer.train_and_evaluate(cfg, str(tmp_path / str(tv_weight)), progress=False)
+    logged[tv_weight], weights[tv_weight] = _log(tmp_path / str(tv_weight))[0], cfg.loss
+  first = logged[0.5]
+  assert first["loss_tv"] > 0 and "loss_tv" not in logged[0.0]
+  assert first["loss"] == pytest.approx(
+      sum(w * first[f"loss_{k}"] for k, w in weights[0.5].items() if w > 0), rel=1e-5)
+
+  assert cli.main(["bench", "--config", os.path.join(os.path.dirname(__file__), "tiny_config.py"),
+                   "--batch_sizes", "", "--stages", "invrrdb", "--losses", "l2,tv",
+                   "--compile_only", "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["cases"][0]["compiled_only"]
+

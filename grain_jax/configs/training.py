@@ -6,7 +6,7 @@ e.g. `--config.batch_size=8`; `grain-jax train --config NAME --show_config` list
 """
 import ml_collections
 
-from grain_jax import stages
+from grain_jax import losses, stages
 from grain_jax.configs import model as model_configs
 
 
@@ -53,9 +53,9 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="ranger", b1=0.95, b2=0.999, eps=1e-5, sync_period=6, slow_step_size=0.5))
   c.d_learning_rate = -1.0  # < 0: same as learning_rate (the original)
-  # ssim (1 - SSIM) is not GRAIN's; off unless a config asks (the CPU demo does).
-  c.loss = ml_collections.ConfigDict(dict(l2=1.0, lr_l2=s.lr_l2, lpips=0.8, id=0.1, adv=0.01,
-                                          ssim=0.0))
+  # The weight of each generator loss term (losses.LOSSES: what each is; 0 = off). GRAIN's
+  # are l2, lr_l2, lpips, id and adv; ssim is off.
+  c.loss = ml_collections.ConfigDict(losses.default_weights(s))
   c.d_every = s.d_every     # discriminator update every N steps (0: never)
   c.r1_gamma = 10.0
   c.r1_every = 16

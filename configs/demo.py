@@ -4,12 +4,12 @@
     grain-jax train --config demo --workdir demo_run        # the same, built in
 
 The built-in config `demo` (grain_jax/configs/demo.py says what it holds); edit this copy to
-change it, e.g. the time budget or (with demo_budget_s = 0) the steps per stage.
+change it, e.g. the time budget or (with pipeline.budget_s = 0) the steps per stage.
 """
 from grain_jax.configs import demo
 
 
 def get_config():
   c = demo.get_config()
-  # c.demo_budget_s = 1200.0
+  # c.pipeline.budget_s = 1200.0
   return c

@@ -40,8 +40,8 @@ def added_fields() -> dict:
   return {"model.fea2code.n_codes": 0, **{f"loss.{k}": 0.0 for k in losses.LOSSES}}
 
 
-# The demo's own fields (in its stage configs): read by the demo, never by a training run.
-DEMO_PREFIXES = ("demo", "stage_")
+# Fields the demo of earlier versions wrote into its stages' config.json (no training field).
+OLD_DEMO_PREFIXES = ("demo", "stage_", "stages", "validate_stages")
 
 
 class ConfigMismatchError(ValueError):
@@ -52,28 +52,34 @@ class CheckpointError(RuntimeError):
   """No checkpoint of a workdir can be restored."""
 
 
-def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/config.json, or, if the workdir holds checkpoints, compares with it:
-  changes other than RESUMABLE_CHANGES are refused, naming each differing field."""
+def compare_config(workdir: str, cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the workdir holds checkpoints; if so, refuses (ConfigMismatchError) a config
+  that differs from theirs (WORKDIR/config.json) other than in RESUMABLE_CHANGES, naming each
+  differing field."""
   path = os.path.join(workdir, "config.json")
-  new = json.loads(cfg.to_json())
   ckpts = os.path.join(workdir, "checkpoints")
   resuming = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
   if resuming and os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    a, b = (traverse_util.flatten_dict(d, sep=".") for d in (old, new))
+    a, b = (traverse_util.flatten_dict(d, sep=".") for d in (old, json.loads(cfg.to_json())))
     a = {**{k: v for k, v in added_fields().items() if k in b}, **a}
     diff = sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
-                  and not k.startswith(DEMO_PREFIXES))
+                  and not k.startswith(OLD_DEMO_PREFIXES))
     if diff:
       fields = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff)
       raise ConfigMismatchError(
           f"{workdir} holds a run with another config ({fields}); resuming it would mix runs: "
           f"use a new --workdir, or the checkpoint's values")
+  return resuming
+
+
+def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+  """compare_config, then writes WORKDIR/config.json (the config the checkpoints are of)."""
+  compare_config(workdir, cfg)
   if jax.process_index() == 0:  # one writer; every host compared above
-    files.write_json(path, new)
+    files.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
 
 
 def state_is_finite(state: train_step.TrainState) -> bool:

@@ -6,6 +6,7 @@ The `grain-jax` command (also `python -m grain_jax`), one subcommand per job:
     grain-jax convert --stylegan2 G.pt ... --out weights/grain1024
     grain-jax down --checkpoint weights/grain1024 photos/ --out lr/
     grain-jax up --checkpoint weights/grain1024 lr/ --out hr/
+    grain-jax pipeline --config grain1024 --workdir runs/ --config.data.train=faces/
 
 Every subcommand has --help. A known failure (a bad file, a wrong size, a missing weight) is
 one line on stderr naming the problem, exit status 2; GRAIN_JAX_DEBUG=1 shows the traceback.
@@ -135,7 +136,11 @@ def _initialize_distributed(args) -> None:
 
 
 def _load_config(args, extra: list[str]):
-  return configs.load(args.config, extra)
+  from grain_jax import pipeline
+  extra, per_stage = pipeline.split_stage_overrides(extra)
+  cfg = configs.load(args.config, extra)
+  pipeline.apply_stage_overrides(cfg, per_stage)
+  return cfg
 
 
 # --- convert
@@ -359,17 +364,25 @@ def _train_run(args, extra) -> int:
     return 0
   if not args.workdir:
     raise ValueError("--workdir is required")
+  from grain_jax import pipeline
   if cfg.get("demo"):
     from grain_jax import demo_training
     demo_training.run(cfg, args.workdir, progress=args.progress)
+  elif pipeline.is_pipeline(cfg):
+    pipeline.run(cfg, args.workdir, progress=args.progress)
   else:
+    if args.command.name == "pipeline":
+      raise ValueError(f"--config {args.config} is one stage's config, not a pipeline's "
+                       f"(grain1024, demo, or a file built on grain_jax.pipeline."
+                       f"pipeline_config): train it with grain-jax train")
     from grain_jax import trainer
     trainer.train_and_evaluate(cfg, args.workdir, progress=args.progress)
   return 0
 
 
 TRAIN_DESCRIPTION = """\
-Trains one GRAIN stage per config, or the whole CPU demo:
+Trains one GRAIN stage per config, or a pipeline of stages (grain-jax pipeline), such as the
+CPU demo:
 
     grain-jax train --config demo --workdir demo_run
     grain-jax train --config invrrdb --workdir runs/stage1 \\
@@ -384,6 +397,20 @@ the workdir's latest checkpoint. On several hosts, run the same command on each 
 all devices of all hosts, and the training is that of one process with all those devices.
 """
 
+PIPELINE_DESCRIPTION = """\
+Trains GRAIN's stages in sequence, each in WORKDIR/stageK_NAME starting from the previous
+one's result (grain_jax/pipeline.py):
+
+    grain-jax pipeline --config grain1024 --workdir runs/grain1024 \\
+        --config.data.train=/data/celeba_hq/train --config.init.weights=weights/grain1024
+
+--config.FIELD=VALUE sets a training field of every stage (fields that are each stage's own,
+learning_rate, d_every, loss.lr_l2, are -1: the stage's recipe), --config.pipeline.steps.NAME
+one stage's steps, --config.pipeline.overrides.NAME.FIELD a field the config lists for one
+stage; --config.pipeline.budget_s=SECONDS shares a time budget among the stages
+(pipeline.budget_share). Running the same command again skips the finished stages and
+resumes the unfinished one. The multi-host options are those of grain-jax train.
+"""
 
 # --- bench
 
@@ -480,6 +507,8 @@ COMMANDS = {c.name: c for c in (
             _fid_arguments, _fid_run),
     Command("train", "train one GRAIN stage, or the CPU demo of all four", TRAIN_DESCRIPTION,
             _train_arguments, _train_run, config_overrides=True),
+    Command("pipeline", "train the stages in sequence (grain1024: the paper's four)",
+            PIPELINE_DESCRIPTION, _train_arguments, _train_run, config_overrides=True),
     Command("bench", "speed and memory on this machine", bench.__doc__, _bench_arguments,
             _bench_run),
     Command("demo", "a one-minute rescaling round trip with random weights", demo.__doc__,

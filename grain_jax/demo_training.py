@@ -1,26 +1,20 @@
 """The CPU demo (`grain-jax train --config demo`, grain_jax/configs/demo.py): data from
-scikit-image, the four stages in turn, a final evaluation on held-out crops against the
-bicubic baseline.
+scikit-image, the four stages as a pipeline (pipeline.py), a final evaluation on held-out
+crops against the bicubic baseline.
 
-With `demo_budget_s` > 0 the whole demo (data, four stages, evaluation) takes about that
-long on any machine: before each stage, what is left of the budget (less a reserve for the
-evaluation) is split among the remaining stages by `stage_budget_share`, and the stage trains
-for as many steps as fit (trainer.time_budget_s). The steps each stage ran are printed and
-recorded in metrics.json, with the command that reruns them as fixed step counts.
+With `pipeline.budget_s` > 0 the whole demo (data, four stages, evaluation) takes about that
+long on any machine (the pipeline keeps `budget_reserve_s` for the evaluation). The steps
+each stage ran are printed and recorded in metrics.json, with the command that reruns them
+as fixed step counts.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import time
 
-import ml_collections
 import numpy as np
 
-from grain_jax import files, images, stages
-
-log = logging.getLogger("grain_jax.demo")
+from grain_jax import files, images, pipeline
 
 
 def prepare_data(cfg, root: str) -> tuple[str, str]:
@@ -33,16 +27,16 @@ def prepare_data(cfg, root: str) -> tuple[str, str]:
     return train, heldout  # made by an earlier (interrupted) run of the same demo
   tmp = heldout + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
-  for name in cfg.demo_train_images:
+  for name in cfg.demo.train_images:
     img, _ = images.decode_array(getattr(skimage.data, name)())
     if max(img.shape[:2]) > 512:  # smaller files decode faster; crops are small anyway
       f = 512 / max(img.shape[:2])
       img = images.resize_to(img, round(img.shape[0] * f), round(img.shape[1] * f))
     images.write_png(os.path.join(train, f"{name}.png"), images.to_uint8(images.to_model(img)))
-  for name in cfg.demo_heldout_images:
+  for name in cfg.demo.heldout_images:
     img, _ = images.decode_array(getattr(skimage.data, name)())
     h, w = img.shape[:2]
-    s = cfg.demo_heldout_scale
+    s = cfg.demo.heldout_scale
     img = images.resize_to(img, max(hr, round(h * s)), max(hr, round(w * s)))
     for i in range(img.shape[0] // hr):
       for j in range(img.shape[1] // hr):
@@ -51,23 +45,6 @@ def prepare_data(cfg, root: str) -> tuple[str, str]:
                          images.to_uint8(images.to_model(crop)))
   os.rename(tmp, heldout)
   return train, heldout
-
-
-def stage_config(cfg, stage: str, train: str, heldout: str, previous: str,
-                 budget_s: float = 0.0):
-  """The demo's config for one stage: that stage's recipe, the demo's data, steps (or a time
-  budget, with max_steps as a cap), losses."""
-  c = ml_collections.ConfigDict(cfg.to_dict())
-  c.stage = stage
-  c.max_steps = cfg.stage_max_steps if budget_s > 0 else cfg.stage_steps[stage]
-  c.time_budget_s = budget_s
-  c.learning_rate = cfg.stage_learning_rate[stage]
-  c.d_every = stages.get(stage).d_every
-  c.loss.update(cfg.stage_loss[stage])
-  c.data.train = train
-  c.data.eval = heldout if stage in cfg.validate_stages else ""
-  c.init.previous_workdir = previous
-  return c
 
 
 def comparison(eval_dir: str, out_path: str, untrained_prior: bool, n: int = 4,
@@ -98,45 +75,25 @@ def comparison(eval_dir: str, out_path: str, untrained_prior: bool, n: int = 4,
 
 def run(cfg, workdir: str, progress: bool = True) -> dict:
   """Trains the four stages in WORKDIR/stage*_NAME, evaluates, writes metrics.json and
-  comparison.png; returns the metrics. The workdir is locked while the demo runs."""
-  t0 = time.perf_counter()
+  comparison.png; returns the metrics. The workdir is locked while the demo runs; a rerun
+  skips the stages an earlier one finished."""
+  from grain_jax import trainer
+
+  t0 = trainer.clock()
+  pipeline.check(cfg)
   workdir = files.check_writable(workdir, "workdir")
-  with files.WorkdirLock(workdir, "demo run"):
+  with trainer.locked(workdir, "demo run"):
     return _run(cfg, workdir, progress, t0)
-
-
-def _stage_budget(cfg, t0: float, stage: str, remaining_stages) -> float:
-  """This stage's seconds: its share of what is left of the demo's budget (0: fixed steps)."""
-  if cfg.demo_budget_s <= 0:
-    return 0.0
-  left = t0 + cfg.demo_budget_s - cfg.demo_eval_reserve_s - time.perf_counter()
-  shares = [cfg.stage_budget_share[s] for s in remaining_stages]
-  return max(1.0, left * cfg.stage_budget_share[stage] / sum(shares))
 
 
 def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
   from grain_jax import datasets, evaluate, inference, trainer, weights
 
   train, heldout = prepare_data(cfg, os.path.join(workdir, "data"))
-  previous, ran = "", []
-  for k, stage in enumerate(cfg.stages, 1):
-    stage_dir = os.path.join(workdir, f"stage{k}_{stage}")
-    budget = _stage_budget(cfg, t0, stage, cfg.stages[k - 1:])
-    log.info("stage %d/%d: %s (%s)", k, len(cfg.stages), stage,
-             f"{budget:.0f} s budget" if budget else f"{cfg.stage_steps[stage]} steps")
-    t = time.perf_counter()
-    m = trainer.train_and_evaluate(
-        stage_config(cfg, stage, train, heldout, previous, budget), stage_dir, progress,
-        started=trainer.clock())
-    steps = weights.read_meta(os.path.join(stage_dir, "weights"))["sources"]["trained_steps"]
-    ran.append({"stage": stage, "steps": steps, "seconds": round(time.perf_counter() - t, 1)})
-    print(f"stage {k}/{len(cfg.stages)} {stage}: {steps} steps in {ran[-1]['seconds']:.0f} s",
-          flush=True)
-    out = stages.get(stage).output
-    if m:
-      log.info("stage %s: held-out %s PSNR %.2f dB (bicubic %.2f dB)", stage, out,
-               m[f"{out}_psnr"], m["bicubic_psnr"])
-    previous = stage_dir
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.train = train
+  ran = pipeline.train_stages(cfg, workdir, progress, started=t0)
+  previous = os.path.join(workdir, ran[-1]["workdir"])
   loaded = inference.load(previous)
   lpips = evaluate.lpips_variables("auto", evaluate.available_metric_networks(loaded))
   ev = evaluate.Evaluator(loaded.model, loaded.variables, None, lpips, with_images=True,
@@ -149,10 +106,11 @@ def _run(cfg, workdir: str, progress: bool, t0: float) -> dict:
       inference.weights_dir(cfg.init.weights))["networks"])
   comparison(os.path.join(workdir, "eval"), os.path.join(workdir, "comparison.png"),
              untrained)
-  seconds = time.perf_counter() - t0
-  m = dict(m, demo_seconds=round(seconds, 1), demo_budget_s=cfg.demo_budget_s, stages=ran,
-           rerun=("grain-jax train --config demo --workdir WORKDIR --config.demo_budget_s=0 "
-                  + " ".join(f"--config.stage_steps.{r['stage']}={r['steps']}" for r in ran)))
+  seconds = trainer.clock() - t0
+  m = dict(m, demo_seconds=round(seconds, 1), demo_budget_s=cfg.pipeline.budget_s, stages=ran,
+           rerun=("grain-jax train --config demo --workdir WORKDIR --config.pipeline.budget_s=0 "
+                  + " ".join(f"--config.pipeline.steps.{r['stage']}={r['steps']}"
+                             for r in ran)))
   files.write_json(os.path.join(workdir, "metrics.json"), m)
   hr, lr = loaded.hr_size, loaded.lr_size
   print(f"demo finished in {seconds / 60:.1f} min; {m['num_images']} held-out {hr}x{hr} crops "

@@ -22,6 +22,7 @@ stops (TrainingDiverged), its checkpoints all finite.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -76,20 +77,28 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   raises TrainingDiverged after cfg.max_nonfinite_steps skipped steps in a row.
   """
   workdir = files.check_writable(workdir, "workdir")
+  with locked(workdir, "training run"):
+    return _train(cfg, workdir, progress, clock() if started is None else started)
+
+
+@contextlib.contextmanager
+def locked(workdir: str, what: str):
+  """Holds the workdir's lock (files.WorkdirLock) while a run writes there; refused, on every
+  process, if another run holds it. One writer per workdir: the first process (the others
+  of a multi-host run write only their checkpoint shards and data positions, which Orbax
+  coordinates). The workdir must be one folder that every process sees."""
   distributed.check_shared_folder(workdir)
-  # One writer per workdir: the first process (the others of a multi-host run write only
-  # their checkpoint shards and data positions, which Orbax coordinates).
   lock, refused = None, None
   if jax.process_index() == 0:
     try:
-      lock = files.WorkdirLock(workdir, "training run").acquire()
+      lock = files.WorkdirLock(workdir, what).acquire()
     except RuntimeError as e:
       refused = e
   if refused and not distributed.multiprocess():
     raise refused
   distributed.agree(refused is None, str(refused or f"{workdir} is in use by another run"))
   try:
-    return _train(cfg, workdir, progress, clock() if started is None else started)
+    yield
   finally:
     if lock:
       lock.release()

@@ -13,7 +13,7 @@ from grain_jax import cli, configs, networks
 from grain_jax.model import GRAIN
 
 SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
-SUBCOMMANDS = ("convert", "down", "up", "evaluate", "fid", "train", "bench", "demo")
+SUBCOMMANDS = ("convert", "down", "up", "evaluate", "fid", "train", "pipeline", "bench", "demo")
 
 
 def test_the_command_has_exactly_the_documented_subcommands():
@@ -64,14 +64,14 @@ def test_known_failures_are_one_line_and_status_2(capsys, tmp_path):
 def test_configs_by_name_overrides_and_show_config(capsys):
   assert cli.main(["train", "--config", "demo", "--config.batch_size=8", "--show_config"]) == 0
   out = capsys.readouterr().out
-  assert re.search(r"^batch_size: 8$", out, re.M) and "stage_steps:" in out
+  assert re.search(r"^batch_size: 8$", out, re.M) and "pipeline:" in out
   for name in configs.BUILTIN:
     cfg = configs.load(name)
     assert cfg.model.hr_size in (64, 1024), name
   assert configs.load("fusion").stage == "fusion"
   # A file in the clone's configs/ gives the same config as its built-in name.
-  for name, file in (("demo", "demo.py"), ("invrrdb", "stage1_invrrdb.py"),
-                     ("finetune", "stage4_finetune.py")):
+  for name, file in (("demo", "demo.py"), ("grain1024", "grain1024.py"),
+                     ("invrrdb", "stage1_invrrdb.py"), ("finetune", "stage4_finetune.py")):
     assert configs.load(os.path.join(ROOT, "configs", file)) == configs.load(name)
 
 
@@ -137,7 +137,7 @@ def test_installed_package_runs_outside_the_clone(installed):
     assert res.returncode == 0 and f"usage: grain-jax {sub}" in res.stdout, (sub, res.stderr)
   # The built-in configs and the bundled picture come with the package.
   res = run(script, "train", "--config", "demo", "--show_config")
-  assert res.returncode == 0 and "stage_steps:" in res.stdout, res.stderr
+  assert res.returncode == 0 and "pipeline:" in res.stdout, res.stderr
   res = run(sys.executable, "-m", "grain_jax", "demo", "--out", "demo_out")
   assert res.returncode == 0, res.stderr[-2000:]
   assert "equals the in-memory result: True" in res.stdout

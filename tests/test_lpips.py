@@ -3,6 +3,7 @@ import os
 import pickle
 
 import jax
+import chex
 import numpy as np
 import pytest
 
@@ -124,7 +125,7 @@ def test_torch_files_match_torch_forward(torch_files, lpips_fn):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
   # Same weights through both routes.
   ref = networks.convert("lpips", "builtin", None)[0]
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(x, y), v, ref)
+  chex.assert_trees_all_equal(v, ref)
 
 
 def test_torch_files_in_the_wrong_order_are_named(torch_files):

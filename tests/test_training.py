@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 import skimage.data
@@ -105,8 +106,7 @@ def test_interrupted_run_resumes_to_the_same_result(pictures, tmp_path, monkeypa
 
   a, _ = _weights(tmp_path / "straight")
   b, meta = _weights(tmp_path / "resumed")
-  for x, y in zip(_leaves(a), _leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(a, b)  # the same tree, bit for bit
   assert meta["sources"]["trained_steps"] == 4
   straight, resumed = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
   assert [r["step"] for r in resumed] == [1, 2, 3, 4]
@@ -149,8 +149,7 @@ def test_stage_two_starts_from_stage_one_and_trains_only_fea2code(pictures, tmp_
                                                  "init.random_all": False}), s2, progress=False)
   w2, meta = _weights(s2)
   for net in ("rescaler", "generator", "fusion"):  # frozen: carried over unchanged
-    for x, y in zip(_leaves(w1[net]), _leaves(w2[net])):
-      np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal(w1[net], w2[net])
   changed = [not np.array_equal(x, y) for x, y in zip(_leaves(w1["fea2code"]),
                                                       _leaves(w2["fea2code"]))]
   assert any(changed)
@@ -224,8 +223,6 @@ def test_a_time_budget_sets_the_steps_and_a_fixed_run_of_that_length_is_identica
   and the cosine schedule's; rerun with that many fixed steps, the weights are bit-identical
   (the probe ends inside the warmup). The clock is driven: compiling step done at 100 s, the
   5 probe steps at 105 s (1 s/step), budget 120 s -> 6 + int((120 - 105 - 3.4) / 1) = 17."""
-  import jax
-
   import grain_jax
   from grain_jax import trainer
 
@@ -241,8 +238,7 @@ def test_a_time_budget_sets_the_steps_and_a_fixed_run_of_that_length_is_identica
                              progress=False)
   a, b = (grain_jax.load(str(tmp_path / w)) for w in ("budget", "fixed"))
   assert a.meta["sources"]["trained_steps"] == b.meta["sources"]["trained_steps"] == 17
-  for x, y in zip(*(jax.tree_util.tree_leaves(m.variables) for m in (a, b))):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(a.variables, b.variables)
   assert _log(tmp_path / "budget") == _log(tmp_path / "fixed")
 
 
@@ -255,17 +251,19 @@ def test_demo_pipeline_with_fixed_steps(tmp_path, capsys):
 
   cfg = demo.get_config()
   cfg.model = tiny_model()
-  cfg.demo_budget_s = 0.0
-  cfg.stage_steps = dict(invrrdb=3, fea2code=2, fusion=2, finetune=2)
+  cfg.pipeline.budget_s = 0.0
+  cfg.pipeline.steps = dict(invrrdb=3, fea2code=2, fusion=2, finetune=2)
   cfg.batch_size = 2
-  cfg.demo_train_images = ("astronaut", "coffee")
-  cfg.demo_heldout_images = ("chelsea", "coins")
+  cfg.demo.train_images = ("astronaut", "coffee")
+  cfg.demo.heldout_images = ("chelsea", "coins")
   m = demo_training.run(cfg, str(tmp_path / "demo"), progress=False)
   out = capsys.readouterr().out
   assert [r["steps"] for r in m["stages"]] == [3, 2, 2, 2]
   assert "stage 1/4 invrrdb: 3 steps in" in out and "GRAIN    hr PSNR" in out
-  assert m["rerun"].endswith("--config.stage_steps.invrrdb=3 --config.stage_steps.fea2code=2 "
-                             "--config.stage_steps.fusion=2 --config.stage_steps.finetune=2")
+  assert m["rerun"].endswith(
+      "--config.pipeline.budget_s=0 --config.pipeline.steps.invrrdb=3 "
+      "--config.pipeline.steps.fea2code=2 --config.pipeline.steps.fusion=2 "
+      "--config.pipeline.steps.finetune=2")
   saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
   assert saved["stages"] == m["stages"] and saved["hr_psnr"] == m["hr_psnr"]
   grid = np.asarray(Image.open(tmp_path / "demo" / "comparison.png"))
@@ -287,7 +285,7 @@ def test_a_new_row_in_the_loss_table_reaches_every_consumer(pictures, tmp_path, 
 
   assert _cfg(pictures).loss.tv == 0.5
   assert checkpoints.added_fields()["loss.tv"] == 0.0
-  assert all(s["tv"] == 0.0 for s in demo.get_config().stage_loss.values())
+  assert demo.get_config().loss.tv == 0.0  # the demo trains on the L2 terms only
 
   logged, weights = {}, {}
   for tv_weight in (0.5, 0.0):
@@ -304,3 +302,56 @@ def test_a_new_row_in_the_loss_table_reaches_every_consumer(pictures, tmp_path, 
                    "--compile_only", "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["cases"][0]["compiled_only"]
 
+
+def test_pipeline_trains_the_stages_and_resumes_where_it_was_stopped(pictures, tmp_path,
+                                                                      monkeypatch, capsys):
+  """grain-jax pipeline: four stages in WORKDIR/stageK_NAME, each from the previous one's
+  result, with only training fields in their config.json; killed in stage 3, the same
+  command skips stages 1-2 and resumes stage 3 from its checkpoint."""
+  from grain_jax import cli, train_step
+
+  work = tmp_path / "run"
+  args = ["pipeline", "--config", os.path.join(os.path.dirname(__file__), "tiny_config.py:pipeline"),
+          "--workdir", str(work), "--no-progress", f"--config.data.train={pictures}",
+          "--config.pipeline.steps.fusion=3", "--config.pipeline.overrides.fusion.learning_rate=5e-4"]
+  real, calls = train_step.create_training, []
+
+  def crashing(cfg, *a, **kw):
+    training = real(cfg, *a, **kw)
+
+    def step(state, batch, lv):
+      calls.append(cfg.stage)
+      if calls.count("fusion") == 3:
+        raise KeyboardInterrupt("killed")
+      return training.step(state, batch, lv)
+    return training._replace(step=step)
+
+  monkeypatch.setattr(train_step, "create_training", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    cli.main(args)
+  monkeypatch.setattr(train_step, "create_training", real)
+  record = json.loads((work / "pipeline.json").read_text())
+  assert [(r["stage"], r["steps"]) for r in record["stages"]] == [("invrrdb", 2), ("fea2code", 2)]
+  capsys.readouterr()
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert "stage 1/4 invrrdb: finished earlier (2 steps)" in out
+  assert "stage 2/4 fea2code: finished earlier (2 steps)" in out
+  assert "stage 3/4 fusion: 3 steps in" in out and "stage 4/4 finetune: 2 steps in" in out
+  record = json.loads((work / "pipeline.json").read_text())
+  assert [r["workdir"] for r in record["stages"]] == [
+      "stage1_invrrdb", "stage2_fea2code", "stage3_fusion", "stage4_finetune"]
+  assert [r["step"] for r in _log(work / "stage3_fusion")] == [1, 2, 3]  # resumed after 2
+  previous = ""
+  for name, stage in zip([r["workdir"] for r in record["stages"]], stages_of(record)):
+    c = json.loads((work / name / "config.json").read_text())
+    assert "pipeline" not in c and c["stage"] == stage and c["init"]["previous_workdir"] == previous
+    assert c["learning_rate"] == (5e-4 if stage == "fusion" else 1e-3)
+    assert c["d_every"] == 2 and c["loss"]["lr_l2"] == {"invrrdb": 0.1, "finetune": 0.1}.get(stage, 0.0)
+    previous = str(work / name)
+  _, meta = _weights(work / "stage4_finetune")
+  assert meta["sources"]["trained_steps"] == 2
+
+
+def stages_of(record):
+  return [r["stage"] for r in record["stages"]]

@@ -21,8 +21,8 @@ def tiny_model():
   ))
 
 
-def tiny_training(stage="invrrdb", **overrides):
-  c = training_config(stage, model=tiny_model())
+def _tiny_run(c, overrides):
+  """The tiny training fields, then `overrides` ({'a.b': value})."""
   c.init.random_all = True
   c.init.random_init = ("rescaler", "fea2code", "fusion", "generator", "discriminator",
                         "patch_discriminator")
@@ -47,6 +47,19 @@ def tiny_training(stage="invrrdb", **overrides):
   return c
 
 
+def tiny_training(stage="invrrdb", **overrides):
+  return _tiny_run(training_config(stage, model=tiny_model()), overrides)
+
+
+def tiny_pipeline(**overrides):
+  """The four stages at the tiny size, 2 steps each (learning rate and D interval shared)."""
+  from grain_jax.pipeline import pipeline_config
+  c = pipeline_config(model=tiny_model())
+  c.pipeline.steps = {s: 2 for s in c.pipeline.stages}
+  return _tiny_run(c, overrides)
+
+
 def get_config(stage="invrrdb"):
-  """`--config tests/tiny_config.py` (stage 1) or `tests/tiny_config.py:finetune` etc."""
-  return tiny_training(stage)
+  """`--config tests/tiny_config.py` (stage 1), `tests/tiny_config.py:finetune` etc., or
+  `tests/tiny_config.py:pipeline` (the four stages)."""
+  return tiny_pipeline() if stage == "pipeline" else tiny_training(stage)

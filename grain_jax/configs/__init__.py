@@ -2,7 +2,8 @@
 
     1024, small                       model configs ({'model': ...}; for convert and bench)
     invrrdb, fea2code, fusion, finetune   one training stage at 1024 (training.py)
-    demo                              the CPU demo: all four stages at 64 <-> 4 (demo.py)
+    grain1024                         the four stages in sequence at 1024 (pipeline.py)
+    demo                              the CPU demo: the four stages at 64 <-> 4 (demo.py)
 
 `--config` also takes the path of a config file (a module with `get_config()`), such as the
 editable ones in the clone's configs/ folder.
@@ -19,7 +20,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # name -> (file in this folder, argument of its get_config)
 BUILTIN = {"1024": ("model.py", "1024"), "small": ("model.py", "small"),
            **{name: ("training.py", name) for name in stages.NAMES},
-           "demo": ("demo.py", None)}
+           "grain1024": ("pipeline.py", None), "demo": ("demo.py", None)}
 
 
 def config_path(spec: str) -> str:

@@ -8,43 +8,43 @@ set, fixed crops of others the held-out set. The StyleGAN2 prior is freshly init
 evaluating on the held-out crops: WORKDIR/metrics.json (grain_jax.evaluate's keys) and
 WORKDIR/comparison.png.
 """
-from grain_jax import losses, stages
+from grain_jax import losses
 from grain_jax.configs.model import grain_small
-from grain_jax.configs.training import training_config
+from grain_jax.pipeline import pipeline_config
 
 
 def get_config():
-  c = training_config("invrrdb", model=grain_small())
-  c.demo = True  # grain-jax train runs every stage in `stages`, then a final evaluation
-  c.stages = stages.NAMES
+  c = pipeline_config(model=grain_small())
+  # What `grain-jax train` (or `pipeline`) does with this config besides the stages: the data
+  # it makes from scikit-image's pictures, and the final evaluation (demo_training.py).
+  c.demo = dict(
+      train_images=("astronaut", "coffee", "rocket", "hubble_deep_field",
+                    "immunohistochemistry", "retina", "colorwheel", "brick", "grass", "gravel",
+                    "moon", "horse", "text", "page"),
+      heldout_images=("chelsea", "camera", "coins", "clock"),
+      heldout_scale=0.35)
+  p = c.pipeline
   # A time budget: the whole demo (data, four stages, evaluation) takes about this long on
   # any machine; each stage trains for as many steps as fit in its share of what is left
-  # (the steps are printed and recorded in metrics.json). 0: the fixed stage_steps below.
-  c.demo_budget_s = 480.0
-  c.demo_eval_reserve_s = 30.0  # kept for the final evaluation and comparison.png
+  # (the steps are printed and recorded in metrics.json). 0: the fixed pipeline.steps below.
+  p.budget_s = 480.0
+  p.budget_reserve_s = 30.0  # kept for the final evaluation and comparison.png
   # Stages 2 and 4 compile for longer than such a share lasts and run their probe steps
-  # only: an untrained prior gives them little to learn. Fusion's share lets it learn to pass
-  # the decoder's image on (hr ~ hr_inv, not below it).
-  c.stage_budget_share = dict(invrrdb=0.72, fea2code=0.02, fusion=0.14, finetune=0.12)
-  c.stage_max_steps = 100000    # a stage's cap under the budget
-  c.stage_steps = dict(invrrdb=520, fea2code=30, fusion=60, finetune=30)
+  # only: an untrained prior gives them little to learn. Fusion's share lets it learn to
+  # pass the decoder's image on (hr ~ hr_inv, not below it).
+  p.budget_share = dict(invrrdb=0.72, fea2code=0.02, fusion=0.14, finetune=0.12)
+  c.max_steps = 100000  # a stage's cap under the budget
+  p.steps = dict(invrrdb=520, fea2code=30, fusion=60, finetune=30)
   # Fine-tuning starts from converged networks and, under the budget, runs a few to ~100
   # steps: Adam's first steps move every weight by about the learning rate whatever the
   # gradient, so a low rate keeps them from undoing stages 1-3.
-  c.stage_learning_rate = dict(invrrdb=1e-3, fea2code=1e-3, fusion=5e-4, finetune=1e-5)
-  # PSNR-oriented demo: the L2 terms only. LPIPS, identity and the adversarial terms are
-  # off: an untrained prior and a few minutes of training give them nothing to work with,
-  # each costs compilation time, and the GAN terms lower PSNR. (The tests train with them.)
-  # Evaluation still reports LPIPS.
-  off = {k: 0.0 for k in losses.LOSSES}
-  c.stage_loss = dict(invrrdb=dict(off, l2=1.0, lr_l2=0.1), fea2code=dict(off, l2=1.0),
-                      fusion=dict(off, l2=1.0), finetune=dict(off, l2=1.0, lr_l2=0.1))
-  c.validate_stages = ()  # per-stage validation costs a compilation; the final one suffices
-  c.demo_train_images = ("astronaut", "coffee", "rocket", "hubble_deep_field",
-                         "immunohistochemistry", "retina", "colorwheel", "brick", "grass",
-                         "gravel", "moon", "horse", "text", "page")
-  c.demo_heldout_images = ("chelsea", "camera", "coins", "clock")
-  c.demo_heldout_scale = 0.35
+  for stage, lr in dict(invrrdb=1e-3, fea2code=1e-3, fusion=5e-4, finetune=1e-5).items():
+    p.overrides[stage] = dict(learning_rate=lr)
+  # PSNR-oriented demo: the L2 terms only (LR-L2 as each stage has it). LPIPS, identity and
+  # the adversarial terms are off: an untrained prior and a few minutes of training give them
+  # nothing to work with, each costs compilation time, and the GAN terms lower PSNR. (The
+  # tests train with them.) Evaluation still reports LPIPS.
+  c.loss.update({k: 0.0 for k in losses.LOSSES if k not in ("l2", "lr_l2")})
   c.init.random_init = ("rescaler", "fea2code", "fusion", "generator", "discriminator",
                         "patch_discriminator")
   c.init.random_all = True  # one initialisation (one compilation) for all four networks
@@ -63,7 +63,6 @@ def get_config():
   c.lr_schedule = "cosine"
   c.warmup_steps = 10
   c.batch_size = 4
-  c.loss.id = 0.0  # no IR-SE50 weights ship with any package
   c.log_every = 50
   c.image_every = 0
   c.eval_every = 0          # no per-stage validation: the demo evaluates once, at its end

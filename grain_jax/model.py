@@ -117,7 +117,10 @@ class GRAIN(nn.Module):
     return img.astype(jnp.float32)
 
   def __call__(self, x, rng=None, noise="const"):
-    """The whole round trip (training forward): dict(lr_float, lr, hr_inv, hr_gan, hr, codes)."""
+    """The whole round trip: dict(lr_float, lr, hr_inv, hr_gan, hr, codes); used to initialise
+    the variables. The same steps as `downscale` then `upscale` (inference and evaluation),
+    but rng draws the quantizer's noise. Training runs train_step.forward: these modules up
+    to the stage's output, with noise drawn per example."""
     lr_float = self.encode(x)
     lr = quantize(lr_float, rng)
     if self.fea2code is None:  # a rescaler-only model (training stage 1)

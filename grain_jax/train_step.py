@@ -121,7 +121,9 @@ def batch_noise(rng, n_local: int, model: GRAIN, axis_name: str | None):
 
 
 def forward(model: GRAIN, variables, x, q_noise, g_noise, stage: stages.Stage) -> dict:
-  """Training forward pass up to the stage's output: dict(lr_float, lr, hr_inv[, hr_gan][, hr])."""
+  """Training forward pass up to the stage's output: dict(lr_float, lr, hr_inv[, hr_gan][, hr]).
+  GRAIN.__call__'s steps (encode, quantize, decode, synthesize, fuse), stopped at the stage's
+  output, with the quantizer's and the generator's noise given per example."""
   def run(m, x):
     lr_float = m.encode(x)
     lr = quantize_with_noise(lr_float, q_noise)

@@ -1,5 +1,7 @@
-"""The README's promises: its quick start is what CI runs, every grain-jax command in it parses
-with the real command's options, and its Python example runs."""
+"""The README's promises: its quick start is what CI runs, every grain-jax command in it and in
+docs/ parses with the real command's options, every relative link resolves, and its Python
+example runs."""
+import glob
 import os
 import re
 import shlex
@@ -13,6 +15,17 @@ from grain_jax import cli
 def _readme():
   with open(os.path.join(ROOT, "README.md")) as f:
     return f.read()
+
+
+DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def _all_text():
+  out = []
+  for path in DOCS:
+    with open(path) as f:
+      out.append(f.read())
+  return "\n".join(out)
 
 
 def _commands(text):
@@ -45,7 +58,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
 
 
 def test_every_readme_command_parses():
-  commands = _commands(_readme())
+  commands = _commands(_all_text())
   assert len(commands) >= 15
   assert {shlex.split(c)[1] for c in commands} == set(cli.COMMANDS)
   parser = cli.build_parser()
@@ -65,3 +78,29 @@ def test_python_example_runs(small_weights):
                        env=dict(os.environ, PYTHONPATH=ROOT))
   assert res.returncode == 0, res.stderr[-2000:]
   assert "(1, 4, 4, 3) (1, 64, 64, 3)" in res.stdout
+
+
+def _anchor(heading: str) -> str:
+  """GitHub's anchor of a Markdown heading."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_short_and_every_relative_link_resolves():
+  assert len(_readme().splitlines()) <= 200
+  assert len(DOCS) >= 6
+  links = 0
+  for path in DOCS:
+    with open(path) as f:
+      text = f.read()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"[a-z]+:", target):
+        continue  # a web address
+      file, _, anchor = target.partition("#")
+      full = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+      assert os.path.exists(full), (path, target)
+      if anchor:
+        with open(full) as f:
+          heads = [_anchor(h) for h in re.findall(r"(?m)^#+ (.*)$", f.read())]
+        assert anchor in heads, (path, target, heads)
+      links += 1
+  assert links >= 20

@@ -544,8 +544,12 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], subcommands: bool) ->
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   quiet_logging(args.verbose)
   enable_compilation_cache()
+  from grain_jax import stopping
   try:
     return c.run(args, extra)
+  except stopping.Interrupted as e:
+    print(f"{prog}: {e}", file=sys.stderr)
+    return stopping.EXIT_INTERRUPTED
   except (OSError, ValueError, RuntimeError) as e:
     # Known failures: bad files, sizes, configs, missing weights, out of memory.
     if os.environ.get("GRAIN_JAX_DEBUG"):

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grain_jax import files, images, inception, metrics, networks, prefetch
 from grain_jax import report as report_page
+from grain_jax import progress as progress_bar
 
 OUTPUTS = ("hr", "hr_inv", "hr_gan")
 FOLDERS = {key: folder for key, folder, _ in report_page.COLUMNS}  # image key -> folder under OUT
@@ -472,8 +473,7 @@ def evaluate(ev: Evaluator, source, out_dir: str, workers: int = 4,
       os.remove(os.path.join(out_dir, name))
   n = len(source) if max_images is None else min(len(source), max_images)
   mine_range = _share(n)
-  bar = tqdm(total=len(mine_range), unit="img", desc="evaluate", disable=not progress,
-             file=sys.stderr)
+  bar = progress_bar.bar(len(mine_range), "evaluate", "img", progress)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
   mine, writes, png_name, png_names = {}, [], _PngNames(), {}
   features = {k: {} for k in ev.set_outputs + ("gt",)} if ev.with_fid else {}

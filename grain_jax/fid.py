@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grain_jax import files, inception, networks, prefetch
+from grain_jax import progress as progress_bar
 
 # pytorch-fid's IMAGE_EXTENSIONS (matched in lower case, as its glob does)
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
@@ -87,8 +88,6 @@ def folder_features(folder: str, extractor: FeatureExtractor, workers: int = 4,
                     progress: bool = True) -> np.ndarray:
   """(N, dims) features of the images of `folder`. An unreadable image is an error naming
   it: a FID over the readable part alone would not be the number asked for."""
-  from tqdm import tqdm
-
   paths = list_images(folder)
   if len(paths) < 2:
     raise ValueError(f"{folder}: FID needs at least 2 images, found {len(paths)} "
@@ -99,8 +98,8 @@ def folder_features(folder: str, extractor: FeatureExtractor, workers: int = 4,
 
   out = []
   stream = prefetch.prefetch(_read_rgb, paths, workers, depth=2 * extractor.batch_size)
-  with tqdm(total=len(paths), unit="img", desc=os.path.basename(folder.rstrip("/")) or folder,
-            disable=not progress, file=sys.stderr) as bar:
+  with progress_bar.bar(len(paths), os.path.basename(folder.rstrip("/")) or folder, "img",
+                        progress) as bar:
     for group in prefetch.batches(stream, extractor.batch_size, fail):
       # Images of one size go through together (pytorch-fid needs one size per batch).
       shapes = {}

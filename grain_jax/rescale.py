@@ -32,6 +32,7 @@ from PIL import Image
 from grain_jax import images, prefetch
 from grain_jax.files import check_writable
 from grain_jax.quantizer import lr_to_uint8, uint8_to_lr
+from grain_jax import progress as progress_bar
 
 UPSCALE_OUTPUTS = ("hr", "hr_inv", "hr_gan")
 
@@ -95,8 +96,7 @@ def rescale(direction: str, loaded, inputs: list[str], out_dir: str, batch_size:
   hr, lr = loaded.hr_size, loaded.lr_size
   files, names, missing = plan(direction, inputs, os.path.abspath(out_dir), save)
   out_dir = check_writable(out_dir)
-  bar = tqdm(total=len(files), unit="img", desc=f"rescale {direction}", disable=not progress,
-             file=sys.stderr)
+  bar = progress_bar.bar(len(files), f"rescale {direction}", "img", progress)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
   for m in missing:
     report.fail(m, "no such file or folder")

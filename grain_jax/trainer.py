@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 
 import jax
@@ -35,6 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grain_jax import (checkpoints, distributed, files, train_report, train_step, train_weights,
                        validation)
+from grain_jax import progress as progress_bar
+from grain_jax import stopping
 from grain_jax.input_pipeline import TrainData
 
 log = logging.getLogger("grain_jax.train")
@@ -150,8 +151,6 @@ def _diverged(cfg, step: int, run: int, ckpts: checkpoints.Checkpoints) -> Train
 
 
 def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
-  from tqdm import tqdm
-
   checkpoints.check_config(workdir, cfg)
   mesh, batch_size = _mesh(cfg)
   ckpts = checkpoints.Checkpoints(workdir, cfg.keep_checkpoints)
@@ -175,10 +174,11 @@ def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
   last = cfg.max_steps
   budget = None
   if cfg.time_budget_s > 0:
-    if first == 0:
+    decided = int(distributed.host_copy(state.schedule_steps))
+    if decided == cfg.max_steps:  # a new run, or one saved before its budget decided
       budget = _Budget(cfg, started, first)
     else:  # a resumed run keeps the length its budget decided
-      last = min(cfg.max_steps, int(distributed.host_copy(state.schedule_steps)))
+      last = min(cfg.max_steps, decided)
   if ckpts.resuming:
     log.info("resumed %s at step %d", workdir, first)
   report = train_report.Reporter(cfg, workdir, training.model, first, mesh)
@@ -187,8 +187,7 @@ def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
   del variables, d_variables
   export = lambda path: train_weights.export_weights(path, cfg, state, loss_vars, origin)
   batch_sharding = NamedSharding(mesh, P(train_step.AXIS))
-  bar = tqdm(total=last, initial=first, unit="step", desc=f"train {cfg.stage}",
-             disable=not progress, file=sys.stderr, dynamic_ncols=True)
+  bar = progress_bar.bar(last, f"train {cfg.stage}", "step", progress, initial=first)
   last_metrics: dict = {}
   # The previous step's count of consecutive skipped steps, read once the next step is
   # dispatched so the host never waits for the device just to check it.
@@ -201,6 +200,8 @@ def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
     if run >= cfg.max_nonfinite_steps > 0:
       raise _diverged(cfg, step, run, ckpts)
 
+  stops = stopping.Requests(cfg, started, clock)
+  stops.install()
   try:
     step = first
     while step < last:
@@ -234,9 +235,17 @@ def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
       if validate and _due(step, cfg.eval_every, last):
         last_metrics = validate(step, state, export)
         report.validation(step, last_metrics, validate.evaluator.names)
+      if step < last and (why := stops.due(step)):
+        check(*pending)
+        if ckpts.last_saved != step:
+          ckpts.save(step, state, data)
+          if jax.process_index() == 0:
+            export(os.path.join(workdir, "weights"))
+        raise stopping.Interrupted(step, why, workdir)
     if pending is not None:
       check(*pending)
   finally:
+    stops.restore()
     ckpts.close()  # an error above still lets the last checkpoint commit
     bar.close()
     report.close()

@@ -242,33 +242,129 @@ def test_a_time_budget_sets_the_steps_and_a_fixed_run_of_that_length_is_identica
   assert _log(tmp_path / "budget") == _log(tmp_path / "fixed")
 
 
-def test_demo_pipeline_with_fixed_steps(tmp_path, capsys):
-  """The quick start's job at a tiny size: four stages, the evaluation, metrics.json with the
-  steps each stage ran and the command that reruns them, and the labelled comparison."""
-  from grain_jax import demo_training
+
+def test_a_budgeted_run_stopped_before_its_budget_decided_decides_when_resumed(
+    pictures, tmp_path, monkeypatch):
+  """Killed during the probe (checkpoint at step 2, the length decided only at step 6), the
+  resumed run probes again instead of running to max_steps: compiling step 3 done at 100 s,
+  probe steps 4-8 at 105 s, budget 120 s from its start -> 8 + int((120 - 105 - 3.4) / 1) = 19."""
+  from grain_jax import train_step, trainer
+
+  cfg = _cfg(pictures, max_steps=40, time_budget_s=120.0, checkpoint_every=2,
+             **{"lr_schedule": "cosine", "warmup_steps": 10})
+  real = train_step.create_training
+
+  def crashing(*args, **kw):
+    training = real(*args, **kw)
+    calls = []
+
+    def step(state, batch, lv):
+      calls.append(1)
+      if len(calls) == 3:
+        raise KeyboardInterrupt("killed")
+      return training.step(state, batch, lv)
+    return training._replace(step=step)
+
+  clock = iter([100.0, 100.0, 105.0])
+  monkeypatch.setattr(trainer, "clock", lambda: next(clock))
+  monkeypatch.setattr(train_step, "create_training", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
+  monkeypatch.setattr(train_step, "create_training", real)
+  trainer.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
+  assert [r["step"] for r in _log(tmp_path)] == list(range(1, 20))
+  assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 19
+
+def test_demo_pipeline_with_fixed_steps_killed_in_stage_3_and_resumed(tmp_path, capsys,
+                                                                       monkeypatch):
+  """The quick start's job at a tiny size, a pipeline of four stages in WORKDIR/stageK_NAME,
+  each from the previous one's result, with only training fields in their config.json;
+  killed in stage 3, the same run skips stages 1-2 and resumes stage 3 from its checkpoint,
+  then evaluates: metrics.json with the steps each stage ran and the command that reruns
+  them, and the labelled comparison."""
+  from grain_jax import demo_training, stages, train_step
   from grain_jax.configs import demo
   from tiny_config import tiny_model
 
   cfg = demo.get_config()
   cfg.model = tiny_model()
   cfg.pipeline.budget_s = 0.0
-  cfg.pipeline.steps = dict(invrrdb=3, fea2code=2, fusion=2, finetune=2)
+  cfg.pipeline.steps = dict(invrrdb=3, fea2code=2, fusion=3, finetune=2)
+  cfg.checkpoint_every, cfg.log_every = 2, 1
   cfg.batch_size = 2
   cfg.demo.train_images = ("astronaut", "coffee")
   cfg.demo.heldout_images = ("chelsea", "coins")
-  m = demo_training.run(cfg, str(tmp_path / "demo"), progress=False)
+  work = tmp_path / "demo"
+  real, calls = train_step.create_training, []
+
+  def crashing(tcfg, *a, **kw):
+    training = real(tcfg, *a, **kw)
+
+    def step(state, batch, lv):
+      calls.append(tcfg.stage)
+      if calls.count("fusion") == 3:
+        raise KeyboardInterrupt("killed")
+      return training.step(state, batch, lv)
+    return training._replace(step=step)
+
+  monkeypatch.setattr(train_step, "create_training", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    demo_training.run(cfg, str(work), progress=False)
+  monkeypatch.undo()
+  record = json.loads((work / "pipeline.json").read_text())
+  assert [(r["stage"], r["steps"]) for r in record["stages"]] == [("invrrdb", 3), ("fea2code", 2)]
+  capsys.readouterr()
+  m = demo_training.run(cfg, str(work), progress=False)
   out = capsys.readouterr().out
-  assert [r["steps"] for r in m["stages"]] == [3, 2, 2, 2]
-  assert "stage 1/4 invrrdb: 3 steps in" in out and "GRAIN    hr PSNR" in out
+  assert "stage 1/4 invrrdb: finished earlier (3 steps)" in out
+  assert "stage 3/4 fusion: 3 steps in" in out and "GRAIN    hr PSNR" in out
+  assert [r["steps"] for r in m["stages"]] == [3, 2, 3, 2]
+  assert [r["step"] for r in _log(work / "stage3_fusion")] == [1, 2, 3]  # resumed after 2
+  previous = ""
+  for name, stage in (("stage1_invrrdb", "invrrdb"), ("stage2_fea2code", "fea2code"),
+                      ("stage3_fusion", "fusion"), ("stage4_finetune", "finetune")):
+    c = json.loads((work / name / "config.json").read_text())
+    assert "pipeline" not in c and "demo" not in c and c["stage"] == stage
+    assert c["init"]["previous_workdir"] == previous
+    assert c["learning_rate"] == cfg.pipeline.overrides[stage].learning_rate
+    assert c["d_every"] == stages.get(stage).d_every
+    assert c["loss"]["lr_l2"] == stages.get(stage).lr_l2
+    previous = str(work / name)
   assert m["rerun"].endswith(
       "--config.pipeline.budget_s=0 --config.pipeline.steps.invrrdb=3 "
-      "--config.pipeline.steps.fea2code=2 --config.pipeline.steps.fusion=2 "
+      "--config.pipeline.steps.fea2code=2 --config.pipeline.steps.fusion=3 "
       "--config.pipeline.steps.finetune=2")
-  saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+  saved = json.loads((work / "metrics.json").read_text())
   assert saved["stages"] == m["stages"] and saved["hr_psnr"] == m["hr_psnr"]
-  grid = np.asarray(Image.open(tmp_path / "demo" / "comparison.png"))
+  grid = np.asarray(Image.open(work / "comparison.png"))
   # Two held-out pictures -> two rows of six 32 px panels enlarged 3x, with label strips.
   assert grid.shape[1] == 6 * 96 and grid.shape[0] > 2 * 96
+
+
+def test_pipeline_command_line_sets_shared_and_per_stage_fields(capsys):
+  """--config.FIELD sets every stage, --config.pipeline.overrides.STAGE.FIELD any training
+  field of one stage (typed), fields at -1 keep each stage's recipe; mistakes are named."""
+  import argparse
+  from grain_jax import cli, pipeline
+
+  tiny = os.path.join(os.path.dirname(__file__), "tiny_config.py:pipeline")
+  cfg = cli._load_config(argparse.Namespace(config=tiny), [
+      "--config.batch_size=4", "--config.pipeline.overrides.fusion.learning_rate=5e-4",
+      "--config.pipeline.overrides.finetune.data.random_scale=(0.2,0.4)",
+      "--config.pipeline.overrides.finetune.loss.l2=2"])
+  fusion, finetune = (pipeline.stage_config(cfg, s) for s in ("fusion", "finetune"))
+  assert fusion.batch_size == finetune.batch_size == 4
+  assert fusion.learning_rate == 5e-4 and finetune.learning_rate == 1e-3  # tiny's shared 1e-3
+  assert tuple(finetune.data.random_scale) == (0.2, 0.4) and finetune.loss.l2 == 2.0
+  assert finetune.loss.lr_l2 == 0.1 and fusion.loss.lr_l2 == 0.0  # each stage's own
+  for args, said in (
+      (["--config.pipeline.overrides.fusion.los.l2=1"], "no field los.l2"),
+      (["--config.pipeline.overrides.fusion.loss.l2=x"], "'x' is not a float"),
+      (["--config.pipeline.overrides.stage9.max_steps=1"], "stage9 is not a stage")):
+    assert cli.main(["pipeline", "--config", tiny, "--show_config", *args]) == 2
+    assert said in capsys.readouterr().err
+  assert cli.main(["pipeline", "--config", "invrrdb", "--workdir", "w"]) == 2
+  assert "one stage's config, not a pipeline's" in capsys.readouterr().err
 
 
 def test_a_new_row_in_the_loss_table_reaches_every_consumer(pictures, tmp_path, monkeypatch,
@@ -280,78 +376,21 @@ def test_a_new_row_in_the_loss_table_reaches_every_consumer(pictures, tmp_path, 
   from grain_jax import checkpoints, cli, losses, trainer
   from grain_jax.configs import demo
 
-  tv = lambda i: jnp.mean(jnp.abs(jnp.diff(i.hr, axis=1))) + jnp.mean(jnp.abs(jnp.diff(i.hr, axis=2)))
+  tv = lambda i: (jnp.mean(jnp.abs(jnp.diff(i.hr, axis=1)))
+                  + jnp.mean(jnp.abs(jnp.diff(i.hr, axis=2))))
   monkeypatch.setitem(losses.LOSSES, "tv", losses.Loss("tv", tv, 0.5, doc="total variation"))
 
   assert _cfg(pictures).loss.tv == 0.5
   assert checkpoints.added_fields()["loss.tv"] == 0.0
   assert demo.get_config().loss.tv == 0.0  # the demo trains on the L2 terms only
 
-  logged, weights = {}, {}
-  for tv_weight in (0.5, 0.0):
-    cfg = _cfg(pictures, max_steps=1, checkpoint_every=0, **{"loss.tv": tv_weight})
-    trainer.train_and_evaluate(cfg, str(tmp_path / str(tv_weight)), progress=False)
-    logged[tv_weight], weights[tv_weight] = _log(tmp_path / str(tv_weight))[0], cfg.loss
-  first = logged[0.5]
-  assert first["loss_tv"] > 0 and "loss_tv" not in logged[0.0]
+  cfg = _cfg(pictures, max_steps=1, checkpoint_every=0, **{"loss.tv": 0.5})
+  trainer.train_and_evaluate(cfg, str(tmp_path), progress=False)
+  first = _log(tmp_path)[0]
+  assert first["loss_tv"] > 0
   assert first["loss"] == pytest.approx(
-      sum(w * first[f"loss_{k}"] for k, w in weights[0.5].items() if w > 0), rel=1e-5)
+      sum(w * first[f"loss_{k}"] for k, w in cfg.loss.items() if w > 0), rel=1e-5)
 
   assert cli.main(["bench", "--config", os.path.join(os.path.dirname(__file__), "tiny_config.py"),
-                   "--batch_sizes", "", "--stages", "invrrdb", "--losses", "l2,tv",
-                   "--compile_only", "--json"]) == 0
-  assert json.loads(capsys.readouterr().out)["cases"][0]["compiled_only"]
-
-
-def test_pipeline_trains_the_stages_and_resumes_where_it_was_stopped(pictures, tmp_path,
-                                                                      monkeypatch, capsys):
-  """grain-jax pipeline: four stages in WORKDIR/stageK_NAME, each from the previous one's
-  result, with only training fields in their config.json; killed in stage 3, the same
-  command skips stages 1-2 and resumes stage 3 from its checkpoint."""
-  from grain_jax import cli, train_step
-
-  work = tmp_path / "run"
-  args = ["pipeline", "--config", os.path.join(os.path.dirname(__file__), "tiny_config.py:pipeline"),
-          "--workdir", str(work), "--no-progress", f"--config.data.train={pictures}",
-          "--config.pipeline.steps.fusion=3", "--config.pipeline.overrides.fusion.learning_rate=5e-4"]
-  real, calls = train_step.create_training, []
-
-  def crashing(cfg, *a, **kw):
-    training = real(cfg, *a, **kw)
-
-    def step(state, batch, lv):
-      calls.append(cfg.stage)
-      if calls.count("fusion") == 3:
-        raise KeyboardInterrupt("killed")
-      return training.step(state, batch, lv)
-    return training._replace(step=step)
-
-  monkeypatch.setattr(train_step, "create_training", crashing)
-  with pytest.raises(KeyboardInterrupt):
-    cli.main(args)
-  monkeypatch.setattr(train_step, "create_training", real)
-  record = json.loads((work / "pipeline.json").read_text())
-  assert [(r["stage"], r["steps"]) for r in record["stages"]] == [("invrrdb", 2), ("fea2code", 2)]
-  capsys.readouterr()
-  assert cli.main(args) == 0
-  out = capsys.readouterr().out
-  assert "stage 1/4 invrrdb: finished earlier (2 steps)" in out
-  assert "stage 2/4 fea2code: finished earlier (2 steps)" in out
-  assert "stage 3/4 fusion: 3 steps in" in out and "stage 4/4 finetune: 2 steps in" in out
-  record = json.loads((work / "pipeline.json").read_text())
-  assert [r["workdir"] for r in record["stages"]] == [
-      "stage1_invrrdb", "stage2_fea2code", "stage3_fusion", "stage4_finetune"]
-  assert [r["step"] for r in _log(work / "stage3_fusion")] == [1, 2, 3]  # resumed after 2
-  previous = ""
-  for name, stage in zip([r["workdir"] for r in record["stages"]], stages_of(record)):
-    c = json.loads((work / name / "config.json").read_text())
-    assert "pipeline" not in c and c["stage"] == stage and c["init"]["previous_workdir"] == previous
-    assert c["learning_rate"] == (5e-4 if stage == "fusion" else 1e-3)
-    assert c["d_every"] == 2 and c["loss"]["lr_l2"] == {"invrrdb": 0.1, "finetune": 0.1}.get(stage, 0.0)
-    previous = str(work / name)
-  _, meta = _weights(work / "stage4_finetune")
-  assert meta["sources"]["trained_steps"] == 2
-
-
-def stages_of(record):
-  return [r["stage"] for r in record["stages"]]
+                   "--batch_sizes", "", "--stages", "", "--losses", "l2,tv", "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["cases"] == []

@@ -332,3 +332,83 @@ def test_a_checkpoint_holding_a_nan_is_refused_and_kept(pictures, tmp_path, caps
       _errors(err)[0], err
   assert sorted(os.listdir(work / "checkpoints")) == ["2", "3"]
   assert [r["step"] for r in _log(work)] == [1, 2]
+
+
+def _signal_at_call(monkeypatch, n, signum):
+  """Makes the trainer's n-th step call send `signum` to this process, as a scheduler would."""
+  from grain_jax import train_step
+  real = train_step.create_training
+
+  def signalling(*args, **kw):
+    training = real(*args, **kw)
+    calls = []
+
+    def step(state, batch, lv):
+      calls.append(1)
+      if len(calls) == n:
+        os.kill(os.getpid(), signum)
+      return training.step(state, batch, lv)
+    return training._replace(step=step)
+  monkeypatch.setattr(train_step, "create_training", signalling)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_is_identical(
+    pictures, tmp_path, capsys, monkeypatch):
+  """SIGTERM (a preemption, SLURM's time limit) during step 3 of 6, with no checkpoint due
+  before the end: the run finishes step 3, checkpoints it, exits 75; the same command
+  resumes at step 3 and ends bit-identical to an uninterrupted run. The handlers are
+  restored afterwards."""
+  import chex
+  import grain_jax
+  from grain_jax import stopping
+
+  args = [f"--config.data.train={pictures}", "--config.max_steps=6",
+          "--config.checkpoint_every=0"]
+  assert _train_cli(capsys, tmp_path / "straight", *args)[0] == 0
+  _signal_at_call(monkeypatch, 3, signal.SIGTERM)
+  rc, err = _train_cli(capsys, tmp_path / "stopped", *args)
+  assert rc == stopping.EXIT_INTERRUPTED == 75
+  assert any("stopped at step 3 (SIGTERM) with a checkpoint" in line for line in err), err
+  assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == ["3"]
+  assert [r["step"] for r in _log(tmp_path / "stopped")] == [1, 2, 3]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  monkeypatch.undo()
+  assert _train_cli(capsys, tmp_path / "stopped", *args)[0] == 0
+  a, b = (grain_jax.load(str(tmp_path / w)) for w in ("straight", "stopped"))
+  chex.assert_trees_all_equal(a.variables, b.variables)
+  assert _log(tmp_path / "stopped") == _log(tmp_path / "straight")
+
+
+def test_time_limit_and_a_chosen_signal_stop_the_same_way_and_ctrl_c_twice_at_once(
+    pictures, tmp_path, capsys, monkeypatch):
+  from grain_jax import stopping, trainer
+
+  calls = []
+  monkeypatch.setattr(trainer, "clock", lambda: calls.append(1) or (100.0 if len(calls) > 3
+                                                                      else 0.0))
+  rc, err = _train_cli(capsys, tmp_path / "limit", f"--config.data.train={pictures}",
+                       "--config.max_steps=8", "--config.time_limit_s=50")
+  assert rc == 75 and any("(time_limit_s)" in line for line in err), err
+  assert _log(tmp_path / "limit")[-1]["step"] < 8
+  monkeypatch.undo()
+
+  usr1 = stopping.Requests(tiny_training(stop_signal="SIGUSR1"), 0.0, lambda: 0.0)
+  usr1.install()
+  try:  # a chosen signal (SLURM's --signal=USR1@120) is a stop request like SIGTERM
+    assert usr1.due(1) is None
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert usr1.due(2) == "SIGUSR1"
+  finally:
+    usr1.restore()
+  requests = stopping.Requests(tiny_training(), 0.0, lambda: 0.0)
+  requests.install()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C asks for a clean stop
+    assert requests.due(1) == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):  # the second stops at once
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    requests.restore()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  with pytest.raises(ValueError, match="SIGNOPE"):
+    stopping.Requests(tiny_training(stop_signal="SIGNOPE"), 0.0, lambda: 0.0)

@@ -73,6 +73,13 @@ def training_config(stage: str, model=None) -> ml_collections.ConfigDict:
   # A step whose loss or updated weights are not finite is skipped (nothing changes); after
   # this many in a row the run stops with exit status 2 (0: never stop, keep skipping).
   c.max_nonfinite_steps = 20
+  # Stopping early with a checkpoint of the current step (exit status 75; the same command
+  # resumes): on SIGTERM, SIGINT, `stop_signal` (e.g. 'SIGUSR1' for SLURM's --signal) and
+  # once `time_limit_s` seconds (> 0) have passed since the start. A multi-process job
+  # compares its processes' requests every `stop_check_every` steps (a collective).
+  c.time_limit_s = 0.0
+  c.stop_signal = ""
+  c.stop_check_every = 10
   c.seed = 0
   return c
 

@@ -139,3 +139,31 @@ def small_model(small_weights):
   """grain_jax.load of `small_weights` (shared, so its jitted methods compile once)."""
   import grain_jax
   return grain_jax.load(small_weights)
+
+
+def hook_training_step(monkeypatch, before):
+  """Makes every training the trainer creates call before(stage, n) ahead of its n-th step
+  (1-based), e.g. to kill the run or send it a signal there; returns a function that
+  removes the hook."""
+  from grain_jax import train_step
+  real = train_step.create_training
+
+  def create(cfg, *args, **kw):
+    training, calls = real(cfg, *args, **kw), []
+
+    def step(state, batch, loss_vars):
+      calls.append(1)
+      before(cfg.stage, len(calls))
+      return training.step(state, batch, loss_vars)
+    return training._replace(step=step)
+
+  monkeypatch.setattr(train_step, "create_training", create)
+  return lambda: monkeypatch.setattr(train_step, "create_training", real)
+
+
+def kill_at(n, stage=None):
+  """A `before` for hook_training_step: KeyboardInterrupt ahead of step n (of `stage`)."""
+  def before(s, k):
+    if k == n and stage in (None, s):
+      raise KeyboardInterrupt("killed")
+  return before

@@ -11,7 +11,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from conftest import ROOT, xla_flags
+from conftest import ROOT, hook_training_step, kill_at, xla_flags
 from tiny_config import tiny_training
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -79,28 +79,15 @@ def _log(workdir):
 
 
 def test_interrupted_run_resumes_to_the_same_result(pictures, tmp_path, monkeypatch):
-  from grain_jax import train_step, trainer
+  from grain_jax import trainer
   cfg = _cfg(pictures)
   trainer.train_and_evaluate(cfg, str(tmp_path / "straight"), progress=False)
 
   # The same run killed during step 3 (after the checkpoint of step 2), then restarted.
-  real = train_step.create_training
-
-  def crashing(*args, **kw):
-    training = real(*args, **kw)
-    calls = []
-
-    def step(state, batch, lv):
-      calls.append(1)
-      if len(calls) == 3:
-        raise KeyboardInterrupt("killed")
-      return training.step(state, batch, lv)
-    return training._replace(step=step)
-
-  monkeypatch.setattr(train_step, "create_training", crashing)
+  unhook = hook_training_step(monkeypatch, kill_at(3))
   with pytest.raises(KeyboardInterrupt):
     trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
-  monkeypatch.setattr(train_step, "create_training", real)
+  unhook()
   assert [r["step"] for r in _log(tmp_path / "resumed")] == [1, 2]
   trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
 
@@ -248,29 +235,16 @@ def test_a_budgeted_run_stopped_before_its_budget_decided_decides_when_resumed(
   """Killed during the probe (checkpoint at step 2, the length decided only at step 6), the
   resumed run probes again instead of running to max_steps: compiling step 3 done at 100 s,
   probe steps 4-8 at 105 s, budget 120 s from its start -> 8 + int((120 - 105 - 3.4) / 1) = 19."""
-  from grain_jax import train_step, trainer
+  from grain_jax import trainer
 
   cfg = _cfg(pictures, max_steps=40, time_budget_s=120.0, checkpoint_every=2,
              **{"lr_schedule": "cosine", "warmup_steps": 10})
-  real = train_step.create_training
-
-  def crashing(*args, **kw):
-    training = real(*args, **kw)
-    calls = []
-
-    def step(state, batch, lv):
-      calls.append(1)
-      if len(calls) == 3:
-        raise KeyboardInterrupt("killed")
-      return training.step(state, batch, lv)
-    return training._replace(step=step)
-
   clock = iter([100.0, 100.0, 105.0])
   monkeypatch.setattr(trainer, "clock", lambda: next(clock))
-  monkeypatch.setattr(train_step, "create_training", crashing)
+  unhook = hook_training_step(monkeypatch, kill_at(3))
   with pytest.raises(KeyboardInterrupt):
     trainer.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
-  monkeypatch.setattr(train_step, "create_training", real)
+  unhook()
   trainer.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
   assert [r["step"] for r in _log(tmp_path)] == list(range(1, 20))
   assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 19
@@ -282,7 +256,7 @@ def test_demo_pipeline_with_fixed_steps_killed_in_stage_3_and_resumed(tmp_path, 
   killed in stage 3, the same run skips stages 1-2 and resumes stage 3 from its checkpoint,
   then evaluates: metrics.json with the steps each stage ran and the command that reruns
   them, and the labelled comparison."""
-  from grain_jax import demo_training, stages, train_step
+  from grain_jax import demo_training, stages
   from grain_jax.configs import demo
   from tiny_config import tiny_model
 
@@ -295,22 +269,10 @@ def test_demo_pipeline_with_fixed_steps_killed_in_stage_3_and_resumed(tmp_path, 
   cfg.demo.train_images = ("astronaut", "coffee")
   cfg.demo.heldout_images = ("chelsea", "coins")
   work = tmp_path / "demo"
-  real, calls = train_step.create_training, []
-
-  def crashing(tcfg, *a, **kw):
-    training = real(tcfg, *a, **kw)
-
-    def step(state, batch, lv):
-      calls.append(tcfg.stage)
-      if calls.count("fusion") == 3:
-        raise KeyboardInterrupt("killed")
-      return training.step(state, batch, lv)
-    return training._replace(step=step)
-
-  monkeypatch.setattr(train_step, "create_training", crashing)
+  unhook = hook_training_step(monkeypatch, kill_at(3, "fusion"))
   with pytest.raises(KeyboardInterrupt):
     demo_training.run(cfg, str(work), progress=False)
-  monkeypatch.undo()
+  unhook()
   record = json.loads((work / "pipeline.json").read_text())
   assert [(r["stage"], r["steps"]) for r in record["stages"]] == [("invrrdb", 3), ("fea2code", 2)]
   capsys.readouterr()

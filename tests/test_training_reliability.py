@@ -17,7 +17,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, hook_training_step
 from tiny_config import tiny_training
 
 TINY = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -335,21 +335,12 @@ def test_a_checkpoint_holding_a_nan_is_refused_and_kept(pictures, tmp_path, caps
 
 
 def _signal_at_call(monkeypatch, n, signum):
-  """Makes the trainer's n-th step call send `signum` to this process, as a scheduler would."""
-  from grain_jax import train_step
-  real = train_step.create_training
-
-  def signalling(*args, **kw):
-    training = real(*args, **kw)
-    calls = []
-
-    def step(state, batch, lv):
-      calls.append(1)
-      if len(calls) == n:
-        os.kill(os.getpid(), signum)
-      return training.step(state, batch, lv)
-    return training._replace(step=step)
-  monkeypatch.setattr(train_step, "create_training", signalling)
+  """Makes the trainer send `signum` to this process ahead of its n-th step, as a scheduler
+  would."""
+  def before(stage, k):
+    if k == n:
+      os.kill(os.getpid(), signum)
+  hook_training_step(monkeypatch, before)
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_is_identical(

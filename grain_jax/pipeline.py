@@ -65,8 +65,9 @@ def pipeline_config(model=None, stage_names=stages.NAMES) -> ml_collections.Conf
   """A pipeline of `stage_names` with the original's recipe of each (1024 unless `model`)."""
   c = training_config(stage_names[0], model)
   del c["stage"]
+  defaults = _flat(c)
   for key in stage_dependent_fields():
-    _set(c, key, type(_flat(c)[key])(STAGE_DEFAULT), "pipeline_config")
+    _set(c, key, type(defaults[key])(STAGE_DEFAULT), "pipeline_config")
   c.pipeline = ml_collections.ConfigDict(dict(
       stages=tuple(stage_names), steps={s: int(c.max_steps) for s in stage_names},
       overrides={s: {} for s in stage_names}, budget_s=0.0,

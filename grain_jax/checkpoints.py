@@ -7,10 +7,12 @@ restored is set aside (into checkpoints_unreadable/) and the previous one used.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import grain  # the data-loading library, not this project
 import jax
@@ -18,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from grain_jax import distributed, files, losses, train_step
+from grain_jax import disk_space, distributed, files, losses, orbax_noise, train_step
 from grain_jax import weights as weights_lib
 from grain_jax.input_pipeline import TrainData
 
@@ -100,6 +102,10 @@ class Checkpoints:
     self.ocp = ocp
     self.workdir = workdir
     self.directory = os.path.join(workdir, "checkpoints")
+    self.weights = os.path.join(workdir, "weights")
+    self.keep = keep
+    self.disk_full_reported = False
+    orbax_noise.silence_failed_write()
     self.mgr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
@@ -119,7 +125,7 @@ class Checkpoints:
     args = self.ocp.args
     steps = sorted(self.mgr.all_steps(), reverse=True)
     failures = []
-    weights_lib.silence_failed_restore_noise()
+    orbax_noise.silence_failed_read()
     if steps:
       self._check_process_count(steps[0])
     for step in steps:
@@ -190,18 +196,114 @@ class Checkpoints:
       multihost_utils.sync_global_devices("grain_jax: unreadable checkpoints set aside")
     self.mgr.reload()  # forget the steps moved away
 
-  def save(self, step: int, state, data: TrainData) -> None:
-    args = self.ocp.args
-    self.mgr.save(step, args=args.Composite(
-        state=args.StandardSave(state),
-        host_data=grain.checkpoint.CheckpointSave(data.iterator)))
-    self.last_saved = step
+  def save(self, step: int, state, data: TrainData, export=None) -> None:
+    """Saves a checkpoint of `step` (train state and data position; written in the
+    background) and, on process 0, `export(WORKDIR/weights)`.
+
+    Space first: the previous save is waited for, then the free space is compared with what
+    this save writes (the last checkpoint's size and the weights', or twice the state's
+    bytes the first time); when it is short and the oldest checkpoint would go at this save
+    anyway (keep_checkpoints reached), that one is removed first. Still short, or a write
+    that fails for lack of space: disk_space.DiskFullError, one line, with the partial
+    checkpoint removed and the earlier ones intact."""
+    self.wait()
+    self._make_room(step, state)
+    what = f"checkpoint step {step} in {self.directory}"
+    try:
+      args = self.ocp.args
+      self.mgr.save(step, args=args.Composite(
+          state=args.StandardSave(state),
+          host_data=grain.checkpoint.CheckpointSave(data.iterator)))
+      self.last_saved = step
+      if export is not None and jax.process_index() == 0:
+        what = f"the weights of step {step} to {self.weights}"
+        export(self.weights)
+    except Exception as e:
+      if not disk_space.is_disk_full(e):
+        raise
+      with contextlib.suppress(Exception):  # the checkpoint, if it is the export that failed
+        self.mgr.wait_until_finished()
+      raise self._disk_full(what, e) from e
+
+  def wait(self) -> None:
+    """Waits for the checkpoint being written; a failure for lack of space raises
+    DiskFullError (the partial checkpoint removed)."""
+    try:
+      self.mgr.wait_until_finished()
+    except Exception as e:
+      if not disk_space.is_disk_full(e):
+        raise
+      raise self._disk_full(f"checkpoint step {self.last_saved} in {self.directory}", e) from e
+
+  def _make_room(self, step: int, state) -> None:
+    steps = sorted(self.mgr.all_steps())
+    if steps:
+      need = (disk_space.folder_bytes(os.path.join(self.directory, str(steps[-1])))
+              + disk_space.folder_bytes(self.weights))
+    else:
+      need = 2 * sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
+    need = int(need * 1.05) + 2**20  # and the logs written meanwhile
+    removed, free_before = [], None
+    while True:
+      # Process 0's view, so that every process decides the same; in MiB for an int32.
+      free = 2**20 * int(distributed.broadcast_from_first(np.int32(min(
+          disk_space.free_bytes(self.directory) >> 20, 2**31 - 1))))
+      free_before = free if free_before is None else free_before
+      if free >= need:
+        break
+      if not (self.keep and len(steps) >= self.keep and len(steps) > 1):
+        raise disk_space.DiskFullError(
+            f"not enough space to save checkpoint step {step} in {self.directory}: it and "
+            f"the weights need about {disk_space.mb(need)}, {disk_space.mb(free)} is free"
+            + (f" after removing checkpoint {', '.join(map(str, removed))}" if removed else "")
+            + f"; {self.describe_last()}: free some space (or lower keep_checkpoints) and "
+            f"{self._rerun()}")
+      oldest = steps.pop(0)  # keep_checkpoints would remove it once this one is saved
+      self.mgr.delete(oldest)
+      removed.append(oldest)
+    if removed:
+      log.warning("checkpoint %s removed before saving step %d, to make room (%s was free, "
+                  "about %s needed)", ", ".join(map(str, removed)), step,
+                  disk_space.mb(free_before), disk_space.mb(need))
+
+  def _disk_full(self, what: str, e: BaseException) -> disk_space.DiskFullError:
+    """After a write failed for lack of space: removes the partial checkpoint and says so."""
+    self.disk_full_reported = True
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if "orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self.mgr.reload()
+    self.last_saved = self.mgr.latest_step()
+    if isinstance(e, disk_space.DiskFullError):  # the weights export said what it needed
+      return disk_space.DiskFullError(f"{e}; {self.describe_last()}: free some space and "
+                                      f"{self._rerun()}")
+    return disk_space.DiskFullError(
+        f"no space left to save {what} "
+        f"({disk_space.mb(disk_space.free_bytes(self.directory))} is free); the partial "
+        f"checkpoint was removed and {self.describe_last()}: free some space (or lower "
+        f"keep_checkpoints) and {self._rerun()}")
 
   def describe_last(self) -> str:
     if self.last_saved is None:
       return "no checkpoint was saved"
     return f"the last checkpoint is step {self.last_saved} in {self.directory}"
 
+  def _rerun(self) -> str:
+    return ("run the same command again to resume from it" if self.last_saved is not None
+            else "run the same command again")
+
   def close(self) -> None:
-    self.mgr.wait_until_finished()
-    self.mgr.close()
+    """Waits for the checkpoint being written, then closes the manager. A failure for lack
+    of space raises DiskFullError once: Orbax reports it again when closing."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self.mgr.close()
+      except Exception as e:
+        if not disk_space.is_disk_full(e):
+          raise
+        if not self.disk_full_reported:
+          raise self._disk_full(f"checkpoint step {self.last_saved} in {self.directory}",
+                                e) from e

@@ -22,6 +22,7 @@ from grain_jax import distributed
 
 log = logging.getLogger("grain_jax.train")
 
+TIME_LIMIT = 1000  # time_limit_s among signal numbers, when processes compare requests
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint; run the same command again
 
 
@@ -79,7 +80,14 @@ class Requests:
     if step % self.every:
       return None
     from jax.experimental import multihost_utils
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.reason is not None)))
-    if not flags.any():
+    # Each process's request as a number (a signal's, or TIME_LIMIT), so that every process
+    # names the same one: the first process's that has one.
+    code = (0 if self.reason is None else TIME_LIMIT if self.reason == "time_limit_s"
+            else signal.Signals[self.reason].value)
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+    if not codes.any():
       return None
-    return self.reason or f"a stop request of process {int(np.argmax(flags.reshape(-1)))}"
+    first = int(np.flatnonzero(codes)[0])
+    why = ("time_limit_s" if codes[first] == TIME_LIMIT
+           else signal.Signals(int(codes[first])).name)
+    return f"{why} on process {first}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 
 import jax
@@ -229,18 +228,15 @@ def _train(cfg, workdir: str, progress: bool, started: float) -> dict:
       if _due(step, cfg.checkpoint_every, last):
         check(*pending)  # a run that just diverged stops before saving
         pending = None
-        ckpts.save(step, state, data)
-        if jax.process_index() == 0:
-          export(os.path.join(workdir, "weights"))
+        ckpts.save(step, state, data, export)
       if validate and _due(step, cfg.eval_every, last):
         last_metrics = validate(step, state, export)
         report.validation(step, last_metrics, validate.evaluator.names)
       if step < last and (why := stops.due(step)):
-        check(*pending)
+        if pending is not None:  # None: checked before this step's checkpoint
+          check(*pending)
         if ckpts.last_saved != step:
-          ckpts.save(step, state, data)
-          if jax.process_index() == 0:
-            export(os.path.join(workdir, "weights"))
+          ckpts.save(step, state, data, export)
         raise stopping.Interrupted(step, why, workdir)
     if pending is not None:
       check(*pending)

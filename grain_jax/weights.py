@@ -9,17 +9,15 @@ Layout of DIR (written by `grain-jax convert` and by training, read by grain_jax
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import sys
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from grain_jax import files
+from grain_jax import disk_space, files, orbax_noise
 
 FORMAT = "grain_jax.weights/2"
 # Format 1 kept the four model networks in one group: {'grain': {'params': {name: ...},
@@ -71,8 +69,10 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
   An existing weights directory is only replaced with force=True, and only after the new one
   is completely written, so a failure never loses the old weights; an existing folder that
   is not a weights directory is never replaced (see check_target). Temp folders left by a
-  killed writer are removed first.
+  killed writer are removed first. A write that fails for lack of space raises
+  disk_space.DiskFullError (one line: the folder, the size needed, the space free).
   """
+  orbax_noise.silence_failed_write()
   directory = os.path.abspath(directory)
   _recover_interrupted_replace(os.path.dirname(directory))
   directory = check_target(directory, force)
@@ -106,11 +106,19 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
       trash = files.make_temp_dir(parent, TEMP_PREFIX)
       os.rename(directory, os.path.join(trash, os.path.basename(directory)))
     os.rename(tmp, directory)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
     old = trash and os.path.join(trash, os.path.basename(directory))
     if old and not os.path.exists(directory) and os.path.isdir(old):
       os.rename(old, directory)  # put the old weights back
+    if isinstance(e, Exception) and disk_space.is_disk_full(e):
+      need = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(tree))
+      kept = ("the weights there are as they were" if os.path.exists(directory)
+              else "nothing was written")
+      raise disk_space.DiskFullError(
+          f"no space left to write the weights to {directory}: they need about "
+          f"{disk_space.mb(need)}, {disk_space.mb(disk_space.free_bytes(parent))} is free; "
+          f"{kept}") from e
     raise
   finally:
     if trash and os.path.exists(directory):  # else it holds the only copy: left for the user
@@ -164,7 +172,7 @@ def load_weights(directory: str) -> tuple[dict, ml_collections.ConfigDict, dict]
   """
   meta = read_meta(directory)
   path = os.path.join(os.path.abspath(directory), "variables")
-  silence_failed_restore_noise()
+  orbax_noise.silence_failed_read()
   try:
     tree = _checkpointer().restore(path)
   except Exception as e:
@@ -190,45 +198,6 @@ def check_finite(tree: dict, directory: str = "weights") -> None:
       raise WeightsError(f"{directory}: network '{keys[0]}' has {bad} non-finite values (NaN "
                          f"or infinity) in {'/'.join(keys[1:])}; these weights are unusable "
                          f"(from a diverged training?)")
-
-
-_hook_installed = False
-
-
-def silence_failed_restore_noise() -> None:
-  """Drops the tracebacks that follow a failed Orbax restore, so its error stays one line.
-
-  When one read fails, Orbax closes its event loop while TensorStore still finishes the
-  other reads: their completion callbacks fail on the closed loop ('Event loop is closed')
-  and Orbax's pending read coroutines are discarded with their own read errors, each printed
-  through sys.unraisablehook long after the clear error. Only those two kinds are dropped;
-  anything else goes to the previous hook. Installed once, for the process.
-  """
-  global _hook_installed
-  if _hook_installed:
-    return
-  previous = sys.unraisablehook
-
-  def orbax_coroutine(obj) -> bool:
-    code = getattr(obj, "cr_code", None)
-    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
-        or orbax_coroutine(unraisable.object)):
-      return
-    previous(unraisable)
-
-  sys.unraisablehook = hook
-  # The same reads, when their asyncio task or gathering future is collected, log
-  # '... exception was never retrieved' with the whole TensorStore spec.
-  def orbax_read(message: str) -> bool:
-    return "exception was never retrieved" in message and any(
-        k in message for k in ("TensorStore", "OCDBT", f"{os.sep}orbax{os.sep}"))
-
-  logging.getLogger("asyncio").addFilter(lambda r: not orbax_read(r.getMessage()))
-  _hook_installed = True
 
 
 def restore_error(e: BaseException) -> str:

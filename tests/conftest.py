@@ -167,3 +167,12 @@ def kill_at(n, stage=None):
     if k == n and stage in (None, s):
       raise KeyboardInterrupt("killed")
   return before
+
+
+def signal_at(n, signum, stage=None):
+  """A `before` for hook_training_step: sends `signum` to this process ahead of step n (of
+  `stage`), as a scheduler would."""
+  def before(s, k):
+    if k == n and stage in (None, s):
+      os.kill(os.getpid(), signum)
+  return before

@@ -2,6 +2,7 @@
 whose loss falls, and train.py from the command line. All on the tiny config (32 <-> 4)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from conftest import ROOT, hook_training_step, kill_at, xla_flags
+from conftest import ROOT, hook_training_step, kill_at, signal_at, xla_flags
 from tiny_config import tiny_training
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -249,14 +250,14 @@ def test_a_budgeted_run_stopped_before_its_budget_decided_decides_when_resumed(
   assert [r["step"] for r in _log(tmp_path)] == list(range(1, 20))
   assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 19
 
-def test_demo_pipeline_with_fixed_steps_killed_in_stage_3_and_resumed(tmp_path, capsys,
-                                                                       monkeypatch):
+def test_demo_pipeline_with_fixed_steps_preempted_in_stage_3_and_resumed(tmp_path, capsys,
+                                                                          monkeypatch):
   """The quick start's job at a tiny size, a pipeline of four stages in WORKDIR/stageK_NAME,
   each from the previous one's result, with only training fields in their config.json;
-  killed in stage 3, the same run skips stages 1-2 and resumes stage 3 from its checkpoint,
-  then evaluates: metrics.json with the steps each stage ran and the command that reruns
-  them, and the labelled comparison."""
-  from grain_jax import demo_training, stages
+  stopped by SIGTERM in stage 3 (after its step 2, with a checkpoint), the same run skips
+  stages 1-2 and resumes stage 3 from its checkpoint, then evaluates: metrics.json with the
+  steps each stage ran and the command that reruns them, and the labelled comparison."""
+  from grain_jax import demo_training, stages, stopping
   from grain_jax.configs import demo
   from tiny_config import tiny_model
 
@@ -269,10 +270,11 @@ def test_demo_pipeline_with_fixed_steps_killed_in_stage_3_and_resumed(tmp_path, 
   cfg.demo.train_images = ("astronaut", "coffee")
   cfg.demo.heldout_images = ("chelsea", "coins")
   work = tmp_path / "demo"
-  unhook = hook_training_step(monkeypatch, kill_at(3, "fusion"))
-  with pytest.raises(KeyboardInterrupt):
+  unhook = hook_training_step(monkeypatch, signal_at(2, signal.SIGTERM, "fusion"))
+  with pytest.raises(stopping.Interrupted, match="stopped at step 2 \\(SIGTERM\\)"):
     demo_training.run(cfg, str(work), progress=False)
   unhook()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
   record = json.loads((work / "pipeline.json").read_text())
   assert [(r["stage"], r["steps"]) for r in record["stages"]] == [("invrrdb", 3), ("fea2code", 2)]
   capsys.readouterr()

@@ -17,7 +17,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from conftest import ROOT, hook_training_step
+from conftest import ROOT, hook_training_step, signal_at
 from tiny_config import tiny_training
 
 TINY = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -334,15 +334,6 @@ def test_a_checkpoint_holding_a_nan_is_refused_and_kept(pictures, tmp_path, caps
   assert [r["step"] for r in _log(work)] == [1, 2]
 
 
-def _signal_at_call(monkeypatch, n, signum):
-  """Makes the trainer send `signum` to this process ahead of its n-th step, as a scheduler
-  would."""
-  def before(stage, k):
-    if k == n:
-      os.kill(os.getpid(), signum)
-  hook_training_step(monkeypatch, before)
-
-
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_is_identical(
     pictures, tmp_path, capsys, monkeypatch):
   """SIGTERM (a preemption, SLURM's time limit) during step 3 of 6, with no checkpoint due
@@ -356,7 +347,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_is_identic
   args = [f"--config.data.train={pictures}", "--config.max_steps=6",
           "--config.checkpoint_every=0"]
   assert _train_cli(capsys, tmp_path / "straight", *args)[0] == 0
-  _signal_at_call(monkeypatch, 3, signal.SIGTERM)
+  hook_training_step(monkeypatch, signal_at(3, signal.SIGTERM))
   rc, err = _train_cli(capsys, tmp_path / "stopped", *args)
   assert rc == stopping.EXIT_INTERRUPTED == 75
   assert any("stopped at step 3 (SIGTERM) with a checkpoint" in line for line in err), err
@@ -403,3 +394,106 @@ def test_time_limit_and_a_chosen_signal_stop_the_same_way_and_ctrl_c_twice_at_on
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   with pytest.raises(ValueError, match="SIGNOPE"):
     stopping.Requests(tiny_training(stop_signal="SIGNOPE"), 0.0, lambda: 0.0)
+
+
+def _simulated_filesystem(monkeypatch, workdir, size):
+  """Makes the free-space check see `workdir` on a filesystem of `size` bytes: free is
+  `size` less what the workdir holds."""
+  from grain_jax import disk_space
+  monkeypatch.setattr(disk_space, "free_bytes",
+                      lambda path: max(0, size - disk_space.folder_bytes(str(workdir))))
+
+
+def _fail_writes_under(monkeypatch, fragment):
+  """Makes the files Orbax writes from Python (through etils.epath: metadata, commit
+  markers, the data position) fail with ENOSPC under paths containing `fragment`, as a
+  full disk would."""
+  import errno
+  from etils import epath
+  cls = type(epath.Path(ROOT))
+  for name in ("write_text", "write_bytes"):
+    def failing(self, *args, _original=getattr(cls, name), **kwargs):
+      if fragment in os.fspath(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
+      return _original(self, *args, **kwargs)
+    monkeypatch.setattr(cls, name, failing)
+
+
+def _sizes(workdir):
+  from grain_jax import disk_space
+  return {n: disk_space.folder_bytes(os.path.join(workdir, "checkpoints", n))
+          for n in os.listdir(os.path.join(workdir, "checkpoints"))}
+
+
+def test_a_checkpoint_that_would_not_fit_makes_room_or_stops_before_writing(
+    pictures, tmp_path, capsys, caplog, monkeypatch):
+  """Before each save the free space is compared with the last checkpoint and export: on a
+  filesystem with room for two checkpoints, keep_checkpoints=2 removes the oldest before
+  writing the next (it would go anyway) and the run ends; with keep_checkpoints=3 nothing
+  may be removed, so the run stops before writing, in one line, its checkpoints intact."""
+  from grain_jax import disk_space
+  work = tmp_path / "w"
+  rc, err = _train_cli(capsys, work, f"--config.data.train={pictures}", "--config.max_steps=2")
+  assert rc == 0, err
+  one = disk_space.folder_bytes(str(work / "checkpoints" / "2")) + disk_space.folder_bytes(
+      str(work / "weights"))
+  _simulated_filesystem(monkeypatch, work, int(2.6 * one))
+  with caplog.at_level(logging.WARNING, "grain_jax.train"):
+    rc, err = _train_cli(capsys, work, f"--config.data.train={pictures}",
+                         "--config.max_steps=6", "--config.keep_checkpoints=2")
+  assert rc == 0, err
+  made_room = [r.getMessage() for r in caplog.records if "to make room" in r.getMessage()]
+  assert len(made_room) == 1 and made_room[0].startswith(
+      "checkpoint 2 removed before saving step 6"), made_room
+  assert sorted(os.listdir(work / "checkpoints")) == ["4", "6"]
+
+  rc, err = _train_cli(capsys, work, f"--config.data.train={pictures}",
+                       "--config.max_steps=8", "--config.keep_checkpoints=3")
+  assert rc == 2 and len(_errors(err)) == 1, err
+  assert re.search(r"error: not enough space to save checkpoint step 8 in \S+: it and the "
+                   r"weights need about [\d.]+ MB, [\d.]+ MB is free; the last checkpoint is "
+                   r"step 6 in \S+: free some space \(or lower keep_checkpoints\) and run the "
+                   r"same command again to resume from it$", err[-1]), err
+  assert sorted(os.listdir(work / "checkpoints")) == ["4", "6"]
+  assert [r["step"] for r in _log(work)][-1] == 8  # trained, but lost: it could not be saved
+
+
+def test_a_write_that_fails_for_lack_of_space_stops_in_one_line_and_resumes(
+    pictures, tmp_path, capsys, caplog, monkeypatch):
+  """A checkpoint whose write fails with ENOSPC part-way (the space check passed, but the
+  disk filled meanwhile): exit status 2 with one line naming the checkpoint and the last
+  good one, none of Orbax's or asyncio's tracebacks, the partial checkpoint removed; after
+  space is freed the same command resumes from the last good checkpoint to the end. The
+  weights export fails the same way, keeping the weights that were there."""
+  from grain_jax import weights
+  from grain_jax.model import placeholder_values
+  from grain_jax import networks
+  work = tmp_path / "w"
+  args = [f"--config.data.train={pictures}", "--config.max_steps=6"]
+  _fail_writes_under(monkeypatch, os.path.join(str(work), "checkpoints", "4"))
+  with caplog.at_level(logging.INFO):
+    rc, err = _train_cli(capsys, work, *args)
+    gc.collect()  # abandoned futures report when collected: that too must stay quiet
+  err += capsys.readouterr().err.splitlines()
+  assert rc == 2 and len(_errors(err)) == 1, err
+  assert re.search(r"error: no space left to save checkpoint step 4 in \S+ \([\d.,]+ MB is "
+                   r"free\); the partial checkpoint was removed and the last checkpoint is step "
+                   r"2 in \S+: free some space \(or lower keep_checkpoints\) and run the same "
+                   r"command again to resume from it$", err[-1]), err
+  assert "Traceback" not in "\n".join(err), err
+  noise = [r for r in caplog.records if r.levelno >= logging.ERROR]
+  assert not noise, [r.getMessage()[:200] for r in noise]
+  assert sorted(os.listdir(work / "checkpoints")) == ["2"]
+  monkeypatch.undo()
+  rc, err = _train_cli(capsys, work, *args)
+  assert rc == 0 and sorted(os.listdir(work / "checkpoints")) == ["2", "4", "6"], err
+  assert [r["step"] for r in _log(work)] == [1, 2, 3, 4, 5, 6]
+
+  cfg = tiny_training().model
+  tree = {"rescaler": placeholder_values(networks.expected_variables("rescaler", cfg))}
+  _fail_writes_under(monkeypatch, ".grain_weights")
+  with pytest.raises(OSError, match=r"no space left to write the weights to \S+/weights: they "
+                                    r"need about [\d.]+ MB, [\d.,]+ MB is free; the weights "
+                                    r"there are as they were$"):
+    weights.save_weights(str(work / "weights"), tree, cfg, {}, force=True)
+  assert weights.load_weights(str(work / "weights"))[2]["sources"]["trained_steps"] == 6

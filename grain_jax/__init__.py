@@ -6,5 +6,6 @@
     out = m.upscale(m.downscale(x))                  # hr, hr_inv, hr_gan, codes
 """
 from grain_jax.inference import LoadedModel, load, read_image
+from grain_jax.face_align import align  # dlib is imported only when a face is aligned
 
-__all__ = ["LoadedModel", "load", "read_image"]
+__all__ = ["LoadedModel", "align", "load", "read_image"]

@@ -4,6 +4,7 @@ The `grain-jax` command (also `python -m grain_jax`), one subcommand per job:
 
     grain-jax train --config demo --workdir demo_run     # the CPU demo: all four stages
     grain-jax convert --stylegan2 G.pt ... --out weights/grain1024
+    grain-jax align --checkpoint weights/grain1024 photos/ --out aligned/
     grain-jax down --checkpoint weights/grain1024 photos/ --out lr/
     grain-jax up --checkpoint weights/grain1024 lr/ --out hr/
     grain-jax pipeline --config grain1024 --workdir runs/ --config.data.train=faces/
@@ -23,8 +24,9 @@ import os
 import sys
 from typing import Callable
 
-from grain_jax import (bench, configs, convert, datasets, demo, evaluate, fid, files, inception,
-                       inference, layers, losses, metrics, networks, rescale, stages)
+from grain_jax import (bench, configs, convert, datasets, demo, evaluate, face_align, fid, files,
+                       inception, inference, layers, losses, metrics, networks, rescale, stages)
+
 
 EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
 EXIT_ERROR = 2
@@ -181,6 +183,50 @@ e.g. --config.model.hr_size=256. Files are read with torch.load(weights_only=Tru
 checkpoint cannot run code. Nothing is written unless every file converts; missing, unknown
 and misshaped keys are named.
 """
+
+
+# --- align
+
+def _align_arguments(p):
+  p.add_argument("inputs", nargs="+", metavar="INPUT",
+                 help="photos: image files or folders (searched recursively)")
+  p.add_argument("--out", required=True, help="output folder (created if needed)")
+  p.add_argument("--checkpoint", default=None,
+                 help="a weights directory or training workdir: faces of its HR size, which "
+                      "grain-jax down takes as they are")
+  p.add_argument("--size", type=int, default=None,
+                 help="aligned face size in pixels (default: the --checkpoint's HR size, "
+                      "else 1024)")
+  p.add_argument("--detector", choices=face_align.DETECTORS, default="hog",
+                 help="hog: dlib's HOG detector (fast, frontal faces); cnn: dlib's CNN "
+                      "(also turned and small faces, seconds per photo on a CPU)")
+  p.add_argument("--min_score", type=float, default=0.0,
+                 help="drop detections scoring lower (0: dlib's threshold; e.g. 0.5 drops "
+                      "doubtful HOG detections)")
+  p.add_argument("--transform_size", type=int, default=None,
+                 help="resampling size before the final resize (default: 4 x size, FFHQ's)")
+  p.add_argument("--workers", type=int, default=2, help="background image decoding threads")
+
+
+def _align_run(args, extra) -> int:
+  face_align.check_available(args.detector)  # the pip command before any work
+  size = args.size
+  if args.checkpoint:
+    from grain_jax import weights as weights_lib
+    meta = weights_lib.read_meta(inference.weights_dir(args.checkpoint))
+    hr = int(meta["model"]["hr_size"])
+    if size is not None and size != hr:
+      print(f"warning: --size {size} is not the checkpoint's HR size {hr}: grain-jax down "
+            f"will resize the faces", file=sys.stderr)
+    size = hr if size is None else size
+  size = 1024 if size is None else size
+  if size < 1 or (args.transform_size is not None and args.transform_size < 1):
+    raise ValueError("--size and --transform_size must be >= 1")
+  counts = face_align.align_files(args.inputs, args.out, size, args.detector,
+                                 args.transform_size, args.min_score, args.workers)
+  if not counts["faces"]:
+    return EXIT_ERROR  # nothing to rescale: every input failed or had no face
+  return EXIT_FAILED_INPUTS if counts["failed"] or counts["no_face"] else 0
 
 
 # --- down / up
@@ -497,6 +543,8 @@ def _demo_run(args, extra) -> int:
 COMMANDS = {c.name: c for c in (
     Command("convert", "PyTorch checkpoints -> a grain_jax weights directory",
             CONVERT_DESCRIPTION, _convert_arguments, _convert_run, config_overrides=True),
+    Command("align", "photos -> FFHQ-aligned faces (what the model expects)",
+            face_align.__doc__, _align_arguments, _align_run),
     Command("down", "HR pictures -> 8-bit LR PNGs", rescale.__doc__, _rescale_arguments("down"),
             _rescale_run("down")),
     Command("up", "LR PNGs -> HR pictures", rescale.__doc__, _rescale_arguments("up"),

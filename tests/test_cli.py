@@ -13,7 +13,7 @@ from grain_jax import cli, configs, networks
 from grain_jax.model import GRAIN
 
 SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
-SUBCOMMANDS = ("convert", "down", "up", "evaluate", "fid", "train", "pipeline", "bench", "demo")
+SUBCOMMANDS = ("convert", "align", "down", "up", "evaluate", "fid", "train", "pipeline", "bench", "demo")
 
 
 def test_the_command_has_exactly_the_documented_subcommands():

@@ -11,7 +11,6 @@ The model is GRAIN's 1024 layout (the published networks' parameter shapes) at 2
 a 4x4 LR image, Fea2Code's 18 codes, and a StyleGAN2 G and D at 256 px whose last three
 widths are those of the 1024 generator's (what the 1024 Fusion reads).
 """
-import concurrent.futures
 import json
 import os
 import sys
@@ -107,27 +106,22 @@ def _reference(stage: str) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def trainings(parity_weights):
-  """{stage: (config, Training, loss variables)} from the converted weights, each stage's
-  programs compiled ahead, two stages at a time (XLA compiles a program on one core; the
-  longest, fine-tuning's, first)."""
+def training_of(parity_weights):
+  """stage -> (config, Training, loss variables) from the converted weights, its programs
+  compiled ahead side by side (XLA compiles a program on one core). Built when a test asks,
+  so that one stage's state and programs are in memory at a time (four at once took ~17 GB)."""
   mesh = Mesh(np.array(jax.devices()[:1]), (train_step.AXIS,))
-  out = {}
-  for stage in recipe.STAGES:
+
+  def build(stage):
     cfg = training_config(stage, parity_model())
     cfg.init.weights = parity_weights
     cfg.batch_size = 1
     variables, d_variables, loss_vars, _ = train_weights.initial_variables(cfg)
-    out[stage] = (cfg, train_step.create_training(cfg, variables, d_variables, loss_vars, mesh),
-                  loss_vars)
-
-  def compile_stage(stage):
-    _, training, loss_vars = out[stage]
+    training = train_step.create_training(cfg, variables, d_variables, loss_vars, mesh)
     batch = step_batch(stage, 0, _reference(stage)[0])  # step 0 runs every program
     training.step.compile(training.state, batch, loss_vars)
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    list(pool.map(compile_stage, sorted(recipe.STAGES, key=lambda s: s != "finetune")))
-  return out
+    return cfg, training, loss_vars
+  return build
 
 
 def run_grain_jax(stage: str, training, loss_vars, ref: dict):
@@ -201,9 +195,9 @@ def param_errors(name: str, model_cfg, state_dict0: dict, trained: dict, ref: di
 
 
 @pytest.mark.parametrize("stage", recipe.STAGES)
-def test_training_steps_match_the_original(stage, trainings, torch_ckpt):
+def test_training_steps_match_the_original(stage, training_of, torch_ckpt):
   ref, full = _reference(stage)
-  cfg, training, loss_vars = trainings[stage]
+  cfg, training, loss_vars = training_of(stage)
   metrics, state = run_grain_jax(stage, training, loss_vars, ref)
 
   losses = loss_errors(ref, metrics)

@@ -314,15 +314,7 @@ def plan(inputs: list[str], out_dir: str):
   """(image files, their output stems, missing inputs). Refuses, before anything is written,
   when there is no image at all, two inputs would share outputs, or an output would
   overwrite an input."""
-  found, missing = [], []
-  for item in inputs:
-    if os.path.exists(item):
-      found += images.find_images([item])
-    else:
-      missing.append(item)
-  if not found:
-    raise ValueError(f"no images in {', '.join(inputs)}"
-                     + (f" ({', '.join(missing)}: no such file or folder)" if missing else ""))
+  found, missing = images.collect_inputs(inputs)
   stems = [n[:-len("_face<K>.png")] for n in images.output_names(found, "_face<K>.png")]
   targets = {os.path.realpath(os.path.join(out_dir, s)) for s in stems}
   for f in found:

@@ -67,15 +67,7 @@ def plan(direction: str, inputs: list[str], out_dir: str, save=("hr",)):
   """(input files, their output names, inputs that do not exist); refuses before anything is
   written if there is no image at all, two inputs share an output name or an output would
   overwrite an input."""
-  files, missing = [], []
-  for item in inputs:
-    if os.path.exists(item):
-      files += images.find_images([item])
-    else:
-      missing.append(item)
-  if not files:  # nothing to do is a mistake (a wrong folder), not a success
-    raise ValueError(f"no images in {', '.join(inputs)}"
-                     + (f" ({', '.join(missing)}: no such file or folder)" if missing else ""))
+  files, missing = images.collect_inputs(inputs)
   names = images.output_names(files)
   targets = {os.path.realpath(os.path.join(out_dir, os.path.splitext(n)[0] + s + ".png"))
              for n in names for s in _suffixes(direction, save)}

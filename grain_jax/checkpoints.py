@@ -93,6 +93,13 @@ def state_is_finite(state: train_step.TrainState) -> bool:
 
 
 
+def space_needed(written_bytes: int) -> int:
+  """The free space a checkpoint and weights export of `written_bytes` (the last ones'
+  size) ask for: 5% more, as later checkpoints may compress less well, and 1 MiB for the
+  logs written meanwhile."""
+  return int(written_bytes * 1.05) + 2**20
+
+
 class Checkpoints:
   """The workdir's Orbax CheckpointManager: train state and data position, saved together."""
 
@@ -238,16 +245,16 @@ class Checkpoints:
   def _make_room(self, step: int, state) -> None:
     steps = sorted(self.mgr.all_steps())
     if steps:
-      need = (disk_space.folder_bytes(os.path.join(self.directory, str(steps[-1])))
-              + disk_space.folder_bytes(self.weights))
+      need = space_needed(disk_space.folder_bytes(os.path.join(self.directory, str(steps[-1])))
+                          + disk_space.folder_bytes(self.weights))
     else:
-      need = 2 * sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
-    need = int(need * 1.05) + 2**20  # and the logs written meanwhile
+      need = space_needed(2 * sum(a.nbytes for a in jax.tree_util.tree_leaves(state)))
     removed, free_before = [], None
     while True:
-      # Process 0's view, so that every process decides the same; in MiB for an int32.
-      free = 2**20 * int(distributed.broadcast_from_first(np.int32(min(
-          disk_space.free_bytes(self.directory) >> 20, 2**31 - 1))))
+      # Process 0's view, so that every process decides the same; in KiB for an int32 (a
+      # disk with more than 2 TiB free counts as 2 TiB).
+      free = 2**10 * int(distributed.broadcast_from_first(np.int32(min(
+          disk_space.free_bytes(self.directory) >> 10, 2**31 - 1))))
       free_before = free if free_before is None else free_before
       if free >= need:
         break

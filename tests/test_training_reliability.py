@@ -57,9 +57,10 @@ def _log(workdir):
 
 
 def _damage(workdir, step):
-  """Truncates the biggest file of a checkpoint, as a full disk or a kill mid-copy would."""
-  paths = [p for p in glob.glob(os.path.join(workdir, "checkpoints", str(step), "**"),
-                                recursive=True) if os.path.isfile(p)]
+  """Truncates the biggest array-data file of a checkpoint, as a full disk or a kill mid-copy
+  would (the data, not Orbax's JSON metadata, which is sometimes the bigger file)."""
+  paths = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_*",
+                                 "d", "*"))
   big = max(paths, key=os.path.getsize)
   with open(big, "r+b") as f:
     f.truncate(os.path.getsize(big) // 2)

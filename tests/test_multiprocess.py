@@ -1,5 +1,5 @@
 """Several processes in one job, on this machine: 2 processes x 2 CPU devices (gloo
-collectives, a coordinator on localhost) against 1 process x 4 devices, through the
+collectives, a coordinator on localhost) against 1 process (4 devices, or 1), through the
 `grain-jax` command as a cluster user runs it. Stage 1 (patch discriminator, synchronised
 BatchNorm) stopped after a checkpoint and resumed, with validation; stage 4 (StyleGAN2
 discriminator, R1); evaluate; a process that fails ends the job."""
@@ -175,13 +175,15 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(d
 
 
 def test_stage4_two_processes_train_like_one(data, tmp_path):
-  """The StyleGAN2 discriminator with lazy R1 (minibatch-stddev groups within a device)."""
+  """The StyleGAN2 discriminator with lazy R1 (minibatch-stddev groups within a device): 4
+  devices of 2 processes end where 1 device ends (stage 1 on 1, 2 and 4 devices of one
+  process: test_training.py)."""
   extra = ["--config.checkpoint_every=3", "--config.max_steps=3",
            "--config.model.discriminator.stddev_group=1"]
   one, two = tmp_path / "one", tmp_path / "two"
   results_one = grain_jax(["train", "--config", f"{TINY}:finetune", "--workdir", str(one),
                            "--noprogress", f"--config.data.train={data / 'train'}",
-                           "--config.batch_size=4", *extra])
+                           "--config.batch_size=4", *extra], devices=1)
   _ok(results_one)
   results_two = grain_jax(["train", "--config", f"{TINY}:finetune", "--workdir", str(two),
                            "--noprogress", f"--config.data.train={data / 'train'}",

@@ -373,6 +373,8 @@ def _fid_run(args, extra) -> int:
   for p in paths:
     if p not in given and not os.path.isdir(p):
       raise FileNotFoundError(f"{p}: neither a folder of images nor an .npz file")
+    if p not in given:
+      fid.images_of(p)  # an empty folder is refused before the other one is read
   extractor = (fid.FeatureExtractor(fid.load_inception(args.inception), args.dims,
                                     args.batch_size)
                if any(p not in given for p in paths) else None)

@@ -84,14 +84,20 @@ def _read_rgb(path: str) -> np.ndarray:
     raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def folder_features(folder: str, extractor: FeatureExtractor, workers: int = 4,
-                    progress: bool = True) -> np.ndarray:
-  """(N, dims) features of the images of `folder`. An unreadable image is an error naming
-  it: a FID over the readable part alone would not be the number asked for."""
+def images_of(folder: str) -> list[str]:
+  """The image files of `folder`, refused when fewer than the 2 a FID needs."""
   paths = list_images(folder)
   if len(paths) < 2:
     raise ValueError(f"{folder}: FID needs at least 2 images, found {len(paths)} "
                      f"(looked for {', '.join('.' + e for e in IMAGE_EXTENSIONS)})")
+  return paths
+
+
+def folder_features(folder: str, extractor: FeatureExtractor, workers: int = 4,
+                    progress: bool = True) -> np.ndarray:
+  """(N, dims) features of the images of `folder`. An unreadable image is an error naming
+  it: a FID over the readable part alone would not be the number asked for."""
+  paths = images_of(folder)
 
   def fail(path, err):
     raise err

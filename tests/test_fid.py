@@ -137,7 +137,7 @@ def test_converted_weights_folder_gives_the_same_fid(setup, capsys, tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_errors_name_the_problem(setup, capsys, tmp_path):
+def test_errors_name_the_problem(setup, capsys, tmp_path, monkeypatch):
   missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
   code, _, err = _ours(capsys, setup["a"], setup["b"], "--inception", missing)
   assert code == 2 and "no such file" in err and "github.com/mseitzer/pytorch-fid" in err
@@ -147,14 +147,19 @@ def test_errors_name_the_problem(setup, capsys, tmp_path):
   assert code == 2 and "Conv2d_1a_3x3" in err, err
   empty = tmp_path / "empty"
   empty.mkdir()
-  code, _, err = _ours(capsys, setup["a"], empty, "--inception", setup["pth"], "--dims", 64)
-  assert code == 2 and "at least 2 images" in err and "empty" in err
+  # Refused before the first folder is read.
+  from grain_jax import fid
+  read = []
+  monkeypatch.setattr(fid, "folder_features", lambda folder, *a, **k: read.append(folder))
+  code, out, err = _ours(capsys, setup["a"], empty, "--inception", setup["pth"], "--dims", 64)
+  assert code == 2 and "at least 2 images" in err and "empty" in err and not read, err
+  monkeypatch.undo()
   broken = tmp_path / "broken"
   broken.mkdir()
   for name in ("x.png", "y.png"):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(broken / name)
   (broken / "z.png").write_bytes(b"\x89PNG broken")
-  code, _, err = _ours(capsys, setup["a"], broken, "--inception", setup["pth"], "--dims", 64)
+  code, _, err = _ours(capsys, broken, setup["a"], "--inception", setup["pth"], "--dims", 64)
   assert code == 2 and "z.png" in err and "not a readable image" in err
   code, _, err = _ours(capsys, setup["a"], tmp_path / "nothing", "--inception", setup["pth"])
   assert code == 2 and "neither a folder of images nor an .npz file" in err

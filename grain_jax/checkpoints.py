@@ -92,7 +92,6 @@ def state_is_finite(state: train_step.TrainState) -> bool:
              for a in train_step.floating_leaves((state.learned(), state.frozen)))
 
 
-
 def space_needed(written_bytes: int) -> int:
   """The free space a checkpoint and weights export of `written_bytes` (the last ones'
   size) ask for: 5% more, as later checkpoints may compress less well, and 1 MiB for the

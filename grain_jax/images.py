@@ -46,7 +46,6 @@ def find_images(inputs: Iterable[str]) -> list[InputFile]:
   return found
 
 
-
 def collect_inputs(inputs: list[str]) -> tuple[list, list[str]]:
   """(the image files of the files and folders `inputs`, the inputs that do not exist);
   raises ValueError when there is no image at all (a wrong folder, not a success)."""
@@ -60,6 +59,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list, list[str]]:
     raise ValueError(f"no images in {', '.join(inputs)}"
                      + (f" ({', '.join(missing)}: no such file or folder)" if missing else ""))
   return found, missing
+
 
 def output_names(files: list[InputFile], suffix: str = ".png") -> list[str]:
   """Output names (input name with its extension replaced); raises if two would collide."""

@@ -3,6 +3,7 @@ layout), .npz statistics both ways, KID, and the errors a user meets."""
 import contextlib
 import io
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -116,7 +117,6 @@ def test_fid_matches_pytorch_fid_and_stats_files_work_both_ways(setup, monkeypat
 def test_converted_weights_folder_gives_the_same_fid(setup, capsys, tmp_path):
   """The converted weights folder gives the .pth file's features, bit for bit (on 8 images:
   equal features make equal FIDs)."""
-  import shutil
   from conftest import convert_cli
 
   res = convert_cli(tmp_path / "w", "--inception", setup["pth"])
@@ -151,7 +151,7 @@ def test_errors_name_the_problem(setup, capsys, tmp_path, monkeypatch):
   from grain_jax import fid
   read = []
   monkeypatch.setattr(fid, "folder_features", lambda folder, *a, **k: read.append(folder))
-  code, out, err = _ours(capsys, setup["a"], empty, "--inception", setup["pth"], "--dims", 64)
+  code, _, err = _ours(capsys, setup["a"], empty, "--inception", setup["pth"], "--dims", 64)
   assert code == 2 and "at least 2 images" in err and "empty" in err and not read, err
   monkeypatch.undo()
   broken = tmp_path / "broken"

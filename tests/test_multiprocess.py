@@ -66,10 +66,13 @@ def grain_jax(args, processes=1, devices=4, per_process=None, signal_when=None):
   return done
 
 
+def _stderrs(results) -> str:
+  """The end of every process's stderr, for a failure message."""
+  return "\n".join(f"process {k}: {r.stderr[-2500:]}" for k, r in enumerate(results))
+
+
 def _ok(results):
-  for i, r in enumerate(results):
-    assert r.returncode == 0, "\n".join(f"process {k}: {q.stderr[-2500:]}"
-                                         for k, q in enumerate(results))
+  assert all(r.returncode == 0 for r in results), _stderrs(results)
 
 
 def _weights(workdir):
@@ -161,7 +164,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(d
   stopped = _train(tmp_path / "w", data, "--config.max_steps=200",
                    "--config.checkpoint_every=0", "--config.stop_check_every=1", processes=2,
                    devices=2, signal_when=("step 2:", 1, signal.SIGTERM))
-  logs = "\n".join(f"process {k}: {r.stderr[-2500:]}" for k, r in enumerate(stopped))
+  logs = _stderrs(stopped)
   assert [r.returncode for r in stopped] == [75, 75], logs
   found = [re.search(r"stopped at step (\d+) \(SIGTERM on process 1\) with a checkpoint",
                      r.stderr) for r in stopped]

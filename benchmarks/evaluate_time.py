@@ -15,9 +15,13 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the clone
-from grain_jax import cli, configs, demo, images, networks  # noqa: E402
-from grain_jax.model import GRAIN, per_network_variables, placeholder_variables  # noqa: E402
-from grain_jax.weights import save_weights  # noqa: E402
+from grain_jax import cli  # noqa: E402
+from grain_jax.cli import config_flags  # noqa: E402
+from grain_jax.eval import round_trip  # noqa: E402
+from grain_jax.formats import images  # noqa: E402
+from grain_jax.formats.weights import save_weights  # noqa: E402
+from grain_jax.nets import registry  # noqa: E402
+from grain_jax.nets.model import GRAIN, per_network_variables, placeholder_variables  # noqa: E402
 
 
 def main():
@@ -28,13 +32,13 @@ def main():
   p.add_argument("--batch_size", type=int, default=0)
   p.add_argument("--save_images", action="store_true")
   a = p.parse_args()
-  cfg = configs.load(a.config).model
+  cfg = config_flags.load(a.config).model
   with tempfile.TemporaryDirectory() as tmp:
     tree = per_network_variables(placeholder_variables(GRAIN.from_config(cfg)))
-    tree["lpips"] = networks.convert("lpips", "builtin", cfg)[0]
+    tree["lpips"] = registry.convert("lpips", "builtin", cfg)[0]
     ckpt = save_weights(os.path.join(tmp, "weights"), tree, cfg, {})
     data = os.path.join(tmp, "data")
-    img = images.resize_square(images.read_image(demo.SAMPLE)[0], cfg.hr_size)
+    img = images.resize_square(images.read_image(round_trip.SAMPLE)[0], cfg.hr_size)
     for i in range(a.images):
       images.write_png(os.path.join(data, f"{i:03d}.png"), images.to_uint8(images.to_model(img)))
     args = ["--checkpoint", ckpt, "--data", data, "--out", os.path.join(tmp, "out")]

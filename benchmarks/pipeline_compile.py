@@ -22,20 +22,23 @@ def main(argv=None) -> int:
   p.add_argument("--config", default="grain1024", help="a pipeline config (name or file)")
   p.add_argument("--stages", default="invrrdb", help="comma-separated stages of it ('' = all)")
   args, overrides = p.parse_known_args(argv)
-  from grain_jax import configs, losses, pipeline, stages, train_step, train_weights
+  from grain_jax.cli import config_flags
+  from grain_jax.train import initial_weights, losses, stages
+  from grain_jax.train.config import check_pipeline, stage_config
+  from grain_jax.train.step import create_training
 
-  cfg = configs.load(args.config, overrides)
-  pipeline.check(cfg)
+  cfg = config_flags.load(args.config, overrides)
+  check_pipeline(cfg)
   names = [s for s in args.stages.split(",") if s] or list(cfg.pipeline.stages)
   print(f"{jax.devices()[0].device_kind}; {args.config} at {cfg.model.hr_size} <-> "
         f"{cfg.model.lr_size}")
   for name in names:
     stages.get(name)
-    t = pipeline.stage_config(cfg, name)
+    t = stage_config(cfg, name)
     n = t.batch_size or jax.device_count()
-    variables, d_vars, loss_vars, _ = train_weights.initial_variables(t, placeholders=True)
+    variables, d_vars, loss_vars, _ = initial_weights.initial_variables(t, placeholders=True)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    training = train_step.create_training(t, variables, d_vars, loss_vars, mesh)
+    training = create_training(t, variables, d_vars, loss_vars, mesh)
     hr = int(t.model.hr_size)
     batch = {k: np.zeros((n, hr, hr, 3), np.float32) for k in "xy"}
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@
 The built-in config `grain1024` (grain_jax/configs/pipeline.py; docs/training.md says what a
 pipeline config holds); edit this copy to keep your own settings.
 """
-from grain_jax.pipeline import pipeline_config
+from grain_jax.train.config import pipeline_config
 
 
 def get_config():

@@ -5,10 +5,10 @@ L2 + 0.1 LR-L2 + 0.8 LPIPS + 0.1 ID + 0.01 relativistic GAN (patch D every 6th s
     grain-jax train --config configs/stage1_invrrdb.py --workdir WORKDIR \
         --config.data.train=FOLDER --config.init.weights=CONVERTED_WEIGHTS
 
-The built-in config `invrrdb` (grain_jax/configs/training.py: the original's recipe); edit this
+The built-in config `invrrdb` (grain_jax/train/config.py: the original's recipe); edit this
 copy to keep your own settings, e.g. your data folders, instead of passing them each time.
 """
-from grain_jax.configs.training import training_config
+from grain_jax.train.config import training_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ L2 + LPIPS + ID + non-saturating GAN on hr_gan (StyleGAN2 D every 5th step, lazy
 
 The built-in config `fea2code`; edit this copy to keep your own settings (see stage1_invrrdb.py).
 """
-from grain_jax.configs.training import training_config
+from grain_jax.train.config import training_config
 
 
 def get_config():

@@ -6,7 +6,7 @@
 
 The built-in config `finetune`; edit this copy to keep your own settings (see stage1_invrrdb.py).
 """
-from grain_jax.configs.training import training_config
+from grain_jax.train.config import training_config
 
 
 def get_config():

@@ -1,21 +1,20 @@
 """The public inference API: `grain_jax.load(DIR)` -> a `LoadedModel` with jitted NHWC methods."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from grain_jax import images, networks
-from grain_jax import weights as weights_lib
-from grain_jax.model import GRAIN, model_variables
+from grain_jax.formats import images
+from grain_jax.formats.weights import load_weights, weights_dir
+from grain_jax.nets import registry
+from grain_jax.nets.model import GRAIN, model_variables
 
-# What each method needs, by network name (networks.NETWORKS).
+# What each method needs, by network name (registry.NETWORKS).
 NEEDS = {
     "downscale": ("rescaler",),
-    "upscale": networks.OUTPUT_NETWORKS["hr"],
+    "upscale": registry.OUTPUT_NETWORKS["hr"],
     "generate": ("generator",),
     "discriminate": ("discriminator",),
     "identity": ("irse50",),
@@ -28,7 +27,7 @@ class LoadedModel:
 
   `model` is the composed GRAIN Flax module (of the model networks present) and `variables`
   its variables; the other networks (discriminator, irse50, lpips) have a method each.
-  Methods are available when the weights they need were converted (see `networks`).
+  Methods are available when the weights they need were converted (see NEEDS).
   """
 
   def __init__(self, tree: dict, model_cfg, meta: dict | None = None,
@@ -39,25 +38,25 @@ class LoadedModel:
     self.config = model_cfg
     self.networks = frozenset(tree)
     self.meta = meta or {}
-    self.model = GRAIN.from_config(model_cfg, [n for n in tree if n in networks.MODEL_NETWORKS])
+    self.model = GRAIN.from_config(model_cfg, [n for n in tree if n in registry.MODEL_NETWORKS])
     self.hr_size = int(model_cfg.hr_size)
     self.lr_size = int(model_cfg.lr_size)
     put = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
     self.variables = put(model_variables(tree))
-    self._other = {n: put(v) for n, v in tree.items() if n not in networks.MODEL_NETWORKS}
+    self._other = {n: put(v) for n, v in tree.items() if n not in registry.MODEL_NETWORKS}
     m = self.model
     self._downscale = jax.jit(lambda v, x, q: m.apply(v, x, quantized=q, method=m.downscale),
                               static_argnums=2)
     self._upscale = jax.jit(lambda v, lr: m.apply(v, lr, method=m.upscale))
     self._generate = jax.jit(lambda v, w: m.apply(v, w, method=m.generate))
-    self._apply = {n: jax.jit(networks.build(n, model_cfg).apply) for n in self._other}
+    self._apply = {n: jax.jit(registry.build(n, model_cfg).apply) for n in self._other}
 
   def require(self, method: str) -> None:
     """Raises RuntimeError naming the convert options if `method`'s weights are absent."""
     missing = [n for n in NEEDS[method] if n not in self.networks]
     if missing:
       raise RuntimeError(f"{method} needs weights that this checkpoint lacks: "
-                         f"{networks.option_hint(missing)}; convert them with grain-jax convert")
+                         f"{registry.option_hint(missing)}; convert them with grain-jax convert")
 
   @staticmethod
   def _images(x, size: int, what: str) -> jax.Array:
@@ -107,7 +106,7 @@ class LoadedModel:
     inception, lpips, discriminator)."""
     if name not in self._other:
       raise RuntimeError(f"this checkpoint has no {name} weights: "
-                         f"{networks.option_hint([name])}; convert them with grain-jax convert")
+                         f"{registry.option_hint([name])}; convert them with grain-jax convert")
     return self._other[name]
 
   @property
@@ -126,14 +125,6 @@ class LoadedModel:
     return self._apply["lpips"](self._other["lpips"], a, b)
 
 
-def weights_dir(path: str) -> str:
-  """A converted-weights directory, or a training workdir's latest weights (WORKDIR/weights)."""
-  if (not os.path.exists(os.path.join(path, weights_lib.META))
-      and os.path.exists(os.path.join(path, "weights", weights_lib.META))):
-    return os.path.join(path, "weights")
-  return path
-
-
 def load(directory: str, compute_dtype: str | None = None) -> LoadedModel:
   """Loads a converted-weights directory (grain-jax convert) or a training workdir (its
   latest weights, WORKDIR/weights; WORKDIR/best holds the best validated ones).
@@ -141,7 +132,7 @@ def load(directory: str, compute_dtype: str | None = None) -> LoadedModel:
   compute_dtype: 'float32' (default) or 'bfloat16' (mixed precision: about twice as fast on
   GPUs and TPUs, within about 0.1 dB PSNR; see the README).
   """
-  tree, cfg, meta = weights_lib.load_weights(weights_dir(directory))
+  tree, cfg, meta = load_weights(weights_dir(directory))
   return LoadedModel(tree, cfg, meta, compute_dtype)
 
 

@@ -28,11 +28,14 @@ import sys
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from grain_jax import images, prefetch
-from grain_jax.files import check_writable
-from grain_jax.quantizer import lr_to_uint8, uint8_to_lr
-from grain_jax import progress as progress_bar
+from grain_jax import inference
+from grain_jax.formats import images
+from grain_jax.nets.quantizer import lr_to_uint8, uint8_to_lr
+from grain_jax.util import prefetch
+from grain_jax.util.files import check_can_create, check_writable
+from grain_jax.util.progress import progress_bar
 
 UPSCALE_OUTPUTS = ("hr", "hr_inv", "hr_gan")
 
@@ -82,13 +85,11 @@ def rescale(direction: str, loaded, inputs: list[str], out_dir: str, batch_size:
             save: tuple[str, ...] = ("hr",), workers: int = 4, progress: bool = True) -> int:
   """Runs `down` or `up` with a LoadedModel over files and folders; returns the number of
   failed inputs."""
-  from tqdm import tqdm
-
   loaded.require("downscale" if direction == "down" else "upscale")
   hr, lr = loaded.hr_size, loaded.lr_size
   files, names, missing = plan(direction, inputs, os.path.abspath(out_dir), save)
   out_dir = check_writable(out_dir)
-  bar = progress_bar.bar(len(files), f"rescale {direction}", "img", progress)
+  bar = progress_bar(len(files), f"rescale {direction}", "img", progress)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
   for m in missing:
     report.fail(m, "no such file or folder")
@@ -137,7 +138,20 @@ def rescale(direction: str, loaded, inputs: list[str], out_dir: str, batch_size:
   return len(report.failed)
 
 
-if __name__ == "__main__":
-  from grain_jax import cli
-  sys.exit(cli.main(prog="python -m grain_jax.rescale", commands=("down", "up"),
-                    description=__doc__))
+
+def run(direction: str, checkpoint: str, inputs: list[str], out_dir: str, batch_size: int = 1,
+        save: tuple[str, ...] = ("hr",), workers: int = 4, compute_dtype: str = "float32",
+        progress: bool = True) -> int:
+  """`grain-jax down|up`: checks the request (the outputs asked for, the batch size, the
+  inputs and `out_dir`) before the model is loaded, loads `checkpoint` and rescales; returns
+  the number of failed inputs."""
+  bad = [s for s in save if s not in UPSCALE_OUTPUTS]
+  if bad or not save:
+    raise ValueError(f"--save: unknown output(s) {bad}; choose from "
+                     f"{', '.join(UPSCALE_OUTPUTS)}")
+  if batch_size < 1:
+    raise ValueError("--batch_size must be >= 1")
+  check_can_create(out_dir)
+  plan(direction, inputs, out_dir, save)
+  loaded = inference.load(checkpoint, compute_dtype)
+  return rescale(direction, loaded, inputs, out_dir, batch_size, save, workers, progress)

@@ -87,7 +87,7 @@ def assert_close_rel(got, want, rel, what=""):
 
 
 # Compiled programs are cached on disk for the CLI runs the tests start (see
-# cli.enable_compilation_cache); only compile time changes, never results.
+# cli/program.py's enable_compilation_cache); only compile time changes, never results.
 os.environ.setdefault("GRAIN_JAX_CACHE", os.path.join(ROOT, ".pytest_cache", "xla"))
 
 # The suite compiles hundreds of small programs and runs each a few times, so LLVM's
@@ -122,13 +122,14 @@ def write_png16(path, a):
 @pytest.fixture(scope="session")
 def small_weights(tmp_path_factory):
   """A converted-weights directory of the small config (random init) with LPIPS weights."""
-  from grain_jax import networks, weights
-  from grain_jax.configs.model import grain_small
-  from grain_jax.model import GRAIN, init_variables, per_network_variables
+  from grain_jax.formats import weights
+  from grain_jax.nets import registry
+  from grain_jax.nets.model_config import grain_small
+  from grain_jax.nets.model import GRAIN, init_variables, per_network_variables
 
   cfg = grain_small()
   tree = per_network_variables(init_variables(GRAIN.from_config(cfg), 0))
-  tree["lpips"] = networks.convert("lpips", "builtin", cfg)[0]
+  tree["lpips"] = registry.convert("lpips", "builtin", cfg)[0]
   path = str(tmp_path_factory.mktemp("weights") / "small")
   weights.save_weights(path, tree, cfg, {})
   return path
@@ -142,11 +143,11 @@ def small_model(small_weights):
 
 
 def hook_training_step(monkeypatch, before):
-  """Makes every training the trainer creates call before(stage, n) ahead of its n-th step
-  (1-based), e.g. to kill the run or send it a signal there; returns a function that
+  """Makes every training the training loop creates call before(stage, n) ahead of its n-th
+  step (1-based), e.g. to kill the run or send it a signal there; returns a function that
   removes the hook."""
-  from grain_jax import train_step
-  real = train_step.create_training
+  from grain_jax.train import loop
+  real = loop.create_training
 
   def create(cfg, *args, **kw):
     training, calls = real(cfg, *args, **kw), []
@@ -157,8 +158,8 @@ def hook_training_step(monkeypatch, before):
       return training.step(state, batch, loss_vars)
     return training._replace(step=step)
 
-  monkeypatch.setattr(train_step, "create_training", create)
-  return lambda: monkeypatch.setattr(train_step, "create_training", real)
+  monkeypatch.setattr(loop, "create_training", create)
+  return lambda: monkeypatch.setattr(loop, "create_training", real)
 
 
 def kill_at(n, stage=None):

@@ -14,7 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tiny_config import tiny_training  # beside this script
 
-from grain_jax import optim, train_step, train_weights
+from grain_jax.train import initial_weights, optim
+from grain_jax.train.step import create_training
 
 
 def _host(state):
@@ -27,7 +28,7 @@ def run(cfg, variables, d_variables, loss_vars, n):
   """Parameters and last metrics after 3 steps on the first n devices, and whether a 4th
   step with a NaN in the last shard left every parameter as it was."""
   mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
-  training = train_step.create_training(cfg, variables, d_variables, loss_vars, mesh)
+  training = create_training(cfg, variables, d_variables, loss_vars, mesh)
   state, lv = training.state, jax.device_put(loss_vars, NamedSharding(mesh, P()))
   rng = np.random.default_rng(0)
   batch = lambda: {k: rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32) for k in "xy"}
@@ -47,7 +48,7 @@ def run(cfg, variables, d_variables, loss_vars, n):
 
 def main():
   cfg = tiny_training("invrrdb", **{"loss.lpips": 0.8})
-  v, dv, lv, _ = train_weights.initial_variables(cfg)
+  v, dv, lv, _ = initial_weights.initial_variables(cfg)
   ref, ref_m = run(cfg, v, dv, lv, 1)
   scale = max(float(np.abs(a).max()) for a in ref)
   out = {}

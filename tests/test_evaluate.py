@@ -1,5 +1,6 @@
-"""grain_jax.evaluate: metrics against an independent computation from the written files,
-the padded last batch, bad files, TFDS splits and data parallelism over 2 CPU devices."""
+"""grain-jax evaluate (eval/evaluate.py): metrics against an independent computation from the
+written files, the padded last batch, bad files, TFDS splits and data parallelism over 2 CPU
+devices."""
 import csv
 import json
 import os
@@ -13,8 +14,11 @@ import skimage.metrics
 from PIL import Image
 
 from conftest import ROOT, xla_flags
-from grain_jax import datasets, evaluate, images
-from grain_jax.quantizer import lr_to_uint8, quantize
+from grain_jax.data import sources
+from grain_jax.eval import evaluate
+from grain_jax.eval.evaluator import Evaluator
+from grain_jax.formats import images
+from grain_jax.nets.quantizer import lr_to_uint8, quantize
 from test_images_metrics import make_tfds_dataset
 
 SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
@@ -25,8 +29,8 @@ KEYS = ("num_images", "hr_psnr", "hr_ssim", "lr_psnr", "bicubic_psnr", "bicubic_
 @pytest.fixture(scope="module")
 def evaluator(small_model):
   """Batch 2 (so 3 images leave a padded last batch), LPIPS on, images returned."""
-  return evaluate.Evaluator(small_model.model, small_model.variables, 2,
-                            small_model.lpips_params, with_images=True)
+  return Evaluator(small_model.model, small_model.variables, 2, small_model.lpips_params,
+                   with_images=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def _ssim(a, b):
 def test_metrics_match_an_independent_computation_from_the_files(evaluator, small_model,
                                                                  folder, tmp_path):
   out = tmp_path / "eval"
-  summary = evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(out),
+  summary = evaluate.evaluate(evaluator, sources.FolderSource(str(folder)), str(out),
                               progress=False)
   meta = json.loads((out / "metrics.json").read_text())
   assert meta == summary
@@ -125,7 +129,7 @@ def test_tfds_split_with_a_corrupt_record(evaluator, tmp_path):
   pics = [np.asarray(Image.open(SAMPLE).resize((64, 64)))] * 3
   name = make_tfds_dataset(tmp_path / "tfds", pics, names=["p.jpg", "q.jpg", "r.jpg"],
                            corrupt={1})
-  src = datasets.open_source(f"tfds:{name}/test", str(tmp_path / "tfds"))
+  src = sources.open_source(f"tfds:{name}/test", str(tmp_path / "tfds"))
   summary = evaluate.evaluate(evaluator, src, str(tmp_path / "out"), progress=False)
   assert summary["num_images"] == 2 and summary["num_failed"] == 1
   assert summary["failed"][0]["file"] == "q.jpg"
@@ -137,7 +141,7 @@ def test_tfds_split_with_a_corrupt_record(evaluator, tmp_path):
 
 def test_two_devices_give_the_same_metrics(evaluator, small_weights, folder, tmp_path):
   one = tmp_path / "one"
-  evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(one), progress=False)
+  evaluate.evaluate(evaluator, sources.FolderSource(str(folder)), str(one), progress=False)
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
              JAX_PLATFORMS="cpu")
   run = lambda *a: subprocess.run(
@@ -176,7 +180,7 @@ class _StoppingSource:
 
 def test_a_stopped_run_leaves_no_stale_results(evaluator, folder, tmp_path):
   out = tmp_path / "out"
-  evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(out), progress=False)
+  evaluate.evaluate(evaluator, sources.FolderSource(str(folder)), str(out), progress=False)
   assert (out / "metrics.json").exists() and (out / "per_image.csv").exists()
   with pytest.raises(_Stop):
     evaluate.evaluate(evaluator, _StoppingSource(), str(out), progress=False)
@@ -188,7 +192,7 @@ def test_a_stopped_run_leaves_no_stale_results(evaluator, folder, tmp_path):
 def test_out_inside_the_data_folder_is_refused(evaluator, folder):
   for out in (folder, folder / "eval"):
     with pytest.raises(ValueError, match=f"{out} is inside the data folder {folder}"):
-      evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)), str(out), progress=False)
+      evaluate.evaluate(evaluator, sources.FolderSource(str(folder)), str(out), progress=False)
   assert not (folder / "eval").exists() and not (folder / "metrics.json").exists()
 
 
@@ -198,7 +202,7 @@ def test_non_finite_outputs_give_null_means_not_a_truncated_file(evaluator, smal
                                small_model.variables)
   evaluator.set_variables(nan)  # same shapes: no recompilation
   try:
-    summary = evaluate.evaluate(evaluator, datasets.FolderSource(str(folder)),
+    summary = evaluate.evaluate(evaluator, sources.FolderSource(str(folder)),
                                 str(tmp_path / "out"), progress=False)
   finally:
     evaluator.set_variables(small_model.variables)
@@ -214,28 +218,27 @@ def test_non_finite_outputs_give_null_means_not_a_truncated_file(evaluator, smal
 def metric_params(small_model):
   """IR-SE50 (random init) and pytorch-fid's InceptionV3 (synthetic weights of the real
   layout, converted as grain-jax convert --inception does)."""
-  from grain_jax import networks
+  from grain_jax.nets import registry
   from test_inception import pt_inception_state_dict
 
   sd = {k: v.numpy() for k, v in pt_inception_state_dict().items()}
-  return {"irse50": networks.init("irse50", small_model.config, 0),
-          "inception": networks.from_state_dict("inception", sd, small_model.config)}
+  return {"irse50": registry.init("irse50", small_model.config, 0),
+          "inception": registry.from_state_dict("inception", sd, small_model.config)}
 
 
 def test_identity_from_the_written_files_and_a_report_whose_links_resolve(
     small_model, metric_params, folder, tmp_path):
-  from grain_jax import losses
+  from grain_jax.nets import irse50
   from test_report import check_links
 
-  ev = evaluate.Evaluator(small_model.model, small_model.variables, 2,
-                          small_model.lpips_params, with_images=True,
-                          irse50_params=metric_params["irse50"],
-                          inception_params=metric_params["inception"], fid_dims=64)
+  ev = Evaluator(small_model.model, small_model.variables, 2, small_model.lpips_params,
+                 with_images=True, irse50_params=metric_params["irse50"],
+                 inception_params=metric_params["inception"], fid_dims=64)
   out = tmp_path / "eval"
-  s = evaluate.evaluate(ev, datasets.FolderSource(str(folder)), str(out), progress=False,
-                        write_report=True)
+  s = evaluate.evaluate(ev, sources.FolderSource(str(folder)), str(out), progress=False,
+                        with_report=True)
   assert s["num_images"] == 3 and list(s["skipped_metrics"]) == ["lr_ssim"]
-  embed = jax.jit(lambda u8: losses.identity_embedding(metric_params["irse50"],
+  embed = jax.jit(lambda u8: irse50.identity_embedding(metric_params["irse50"],
                                                        u8 / 127.5 - 1.0))
   for row in _csv(out / "per_image.csv"):
     name = os.path.splitext(row["file"])[0] + ".png"
@@ -271,16 +274,16 @@ def test_fid_and_kid_equal_those_of_the_written_folders(small_model, metric_para
                                                         tmp_path):
   """hr_fid is `grain-jax fid OUT/fusion OUT/gt` (hence pytorch-fid's number, test_fid.py),
   and likewise for every output; with reference statistics the FID is against those."""
-  from grain_jax import fid
+  from grain_jax.eval import fid
 
-  ev = evaluate.Evaluator(small_model.model, small_model.variables, 10, None, with_images=True,
-                          inception_params=metric_params["inception"], fid_dims=64)
+  ev = Evaluator(small_model.model, small_model.variables, 10, None, with_images=True,
+                 inception_params=metric_params["inception"], fid_dims=64)
   extractor = fid.FeatureExtractor(metric_params["inception"], 64, 16)
   inputs = fid.statistics_of(str(crops), extractor, progress=False)
   npz = tmp_path / "inputs.npz"
   fid.save_statistics(str(npz), inputs["features"])
   out = tmp_path / "eval"
-  s = evaluate.evaluate(ev, datasets.FolderSource(str(crops)), str(out), progress=False,
+  s = evaluate.evaluate(ev, sources.FolderSource(str(crops)), str(out), progress=False,
                         fid_reference=fid.load_statistics(str(npz)))
   assert s["num_images"] == 70 and s["fid_reference"] == str(npz) and s["fid_dims"] == 64
   assert "hr_lpips" in s["skipped_metrics"] and "hr_id" in s["skipped_metrics"]
@@ -297,7 +300,8 @@ def test_fid_and_kid_equal_those_of_the_written_folders(small_model, metric_para
 
 def test_missing_metric_weights_are_named_skipped_or_refused(small_weights, folder, tmp_path,
                                                              capsys):
-  from grain_jax import cli, inception
+  from grain_jax import cli
+  from grain_jax.nets import inception
 
   out = tmp_path / "eval"
   code = cli.main(["evaluate", "--checkpoint", small_weights, "--data", str(folder), "--out",
@@ -333,7 +337,8 @@ def test_a_new_row_in_the_metric_table_reaches_every_consumer(small_weights, fol
   output, per_image.csv, metrics.json, the report and the command's summary show it; the
   report names a skipped metric's reason once for all outputs."""
   import jax.numpy as jnp
-  from grain_jax import cli, metrics
+  from grain_jax import cli
+  from grain_jax.eval import metrics
 
   mae = lambda nets, a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))
   monkeypatch.setitem(metrics.METRICS, "mae", metrics.Metric("mae", mae, 3, label="MAE"))

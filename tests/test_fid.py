@@ -1,5 +1,6 @@
 """`grain-jax fid` against `python -m pytorch_fid` (its main, same synthetic weights of the real
-layout), .npz statistics both ways, KID, and the errors a user meets."""
+layout), .npz statistics both ways, KID, and the errors a user meets; the Frechet distance
+against pytorch-fid's and KID against torch-fidelity's."""
 import contextlib
 import io
 import os
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import import_torchvision
+from grain_jax.eval import fid
 from test_inception import pt_inception_state_dict
 
 import_torchvision()  # before pytorch_fid imports it
@@ -148,7 +150,6 @@ def test_errors_name_the_problem(setup, capsys, tmp_path, monkeypatch):
   empty = tmp_path / "empty"
   empty.mkdir()
   # Refused before the first folder is read.
-  from grain_jax import fid
   read = []
   monkeypatch.setattr(fid, "folder_features", lambda folder, *a, **k: read.append(folder))
   code, _, err = _ours(capsys, setup["a"], empty, "--inception", setup["pth"], "--dims", 64)
@@ -176,3 +177,34 @@ def test_errors_name_the_problem(setup, capsys, tmp_path, monkeypatch):
   assert code == 2 and "no features stored, and KID needs them" in err, err
   code, out, err = _ours(capsys, stats64, stats64, "--inception", missing, "--dims", 64)
   assert code == 0 and _value(out, "FID") == 0.0, err
+
+
+def test_frechet_distance_matches_pytorch_fid():
+  from pytorch_fid.fid_score import calculate_frechet_distance
+
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(200, 64))
+  b = rng.normal(size=(150, 64)) * 1.1 + 0.2
+  (m1, s1), (m2, s2) = fid.statistics(a), fid.statistics(b)
+  want = calculate_frechet_distance(m1, s1, m2, s2)
+  assert abs(fid.frechet_distance(m1, s1, m2, s2) - want) <= 1e-6 * abs(want)
+
+
+def test_kid_matches_torch_fidelity():
+  from torch_fidelity.metric_kid import kid_features_to_metric
+
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(120, 32)).astype(np.float32)
+  b = (rng.normal(size=(90, 32)) * 1.2 + 0.1).astype(np.float32)
+  want = kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(b), kid_subsets=20,
+                                kid_subset_size=50, verbose=False)
+  mean, std = fid.kernel_inception_distance(a, b, subsets=20, subset_size=50)
+  # The same subsets; torch-fidelity sums kernels of float32 features in float32, we in
+  # float64: they differ by float32 rounding (~4e-6 relative here).
+  assert abs(mean - want["kernel_inception_distance_mean"]) <= 2e-5 * abs(mean)
+  assert abs(std - want["kernel_inception_distance_std"]) <= 2e-5 * std
+  # Sets smaller than the subset size: the whole smaller set, as --kid-subset-size would.
+  small = fid.kernel_inception_distance(a[:30], b, subsets=5)
+  ref = kid_features_to_metric(torch.from_numpy(a[:30]), torch.from_numpy(b), kid_subsets=5,
+                               kid_subset_size=30, verbose=False)
+  assert abs(small[0] - ref["kernel_inception_distance_mean"]) <= 2e-5 * abs(small[0])

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, convert_cli
-from grain_jax import cli, convert, files, weights
+from grain_jax import cli
+from grain_jax.formats import convert, weights
+from grain_jax.util import files
 
 SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
 ROOT_USER = os.geteuid() == 0  # root ignores permissions: read-only folders cannot be made
@@ -139,7 +141,7 @@ def test_convert_checks_out_before_converting(tmp_path, capsys, monkeypatch):
 
 
 def test_demo_refuses_a_users_weights_folder_before_any_work(tmp_path, capsys, monkeypatch):
-  from grain_jax import model
+  from grain_jax.nets import model
 
   def never(*a, **k):
     raise AssertionError("the demo worked before checking")

@@ -3,6 +3,8 @@ PSNR/SSIM code against scikit-image on the same arrays."""
 import io
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
@@ -10,7 +12,10 @@ import skimage.metrics
 from PIL import Image
 
 from conftest import write_png16
-from grain_jax import datasets, images, metrics, prefetch
+from grain_jax.data import sources
+from grain_jax.eval import metrics
+from grain_jax.formats import images
+from grain_jax.util import prefetch
 
 
 def _skimage_ssim(a, b):
@@ -44,9 +49,14 @@ def test_ssim_refuses_images_smaller_than_its_window():
     metrics.ssim(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 8, 3)))
 
 
-def test_quantize_image_matches_saved_png_levels():
+def test_png_levels_in_a_jitted_step_match_the_saved_png():
+  """Evaluation judges the 8-bit levels it computes on the device (images.png_levels of a
+  JAX array); they must be the levels images.to_uint8 writes, half-levels included."""
   x = np.linspace(-1.2, 1.2, 3 * 7 * 5 * 3).reshape(3, 7, 5, 3).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(metrics.quantize_image(x)), images.to_uint8(x))
+  x[0, 0, :5, 0] = (np.arange(5) + 0.5) / 127.5 - 1.0  # exactly between two levels
+  levels = jax.jit(images.png_levels)(jnp.asarray(x))
+  assert isinstance(levels, jax.Array)
+  np.testing.assert_array_equal(np.asarray(levels), images.to_uint8(x))
 
 
 def _read(tmp_path, name, writer):
@@ -196,7 +206,7 @@ def make_tfds_dataset(data_dir, pictures, names=None, corrupt=()):
 def test_tfds_source_reads_prepared_split(tmp_path):
   pics = [np.full((20, 30, 3), 10 * i, np.uint8) for i in range(3)]
   name = make_tfds_dataset(tmp_path, pics, names=["x/a.jpg", "b.png", "c.png"])
-  src = datasets.open_source(f"tfds:{name}/test", str(tmp_path))
+  src = sources.open_source(f"tfds:{name}/test", str(tmp_path))
   assert len(src) == 3 and src.description == f"tfds:{name}/test"
   # TFDS stores records in its own (hashed) order; the filename feature names them.
   by_name = {src.name(i): i for i in range(3)}
@@ -204,11 +214,11 @@ def test_tfds_source_reads_prepared_split(tmp_path):
   img, note = src.load(by_name["c.png"])
   assert note is None and img.shape == (20, 30, 3)
   np.testing.assert_array_equal(np.round(img * 255), pics[2])
-  assert len(datasets.open_source(f"tfds:{name}/test[:2]", str(tmp_path))) == 2
+  assert len(sources.open_source(f"tfds:{name}/test[:2]", str(tmp_path))) == 2
   # A wrong name is named in one line (TFDS's list of every dataset left out), no download.
   with pytest.raises(FileNotFoundError, match="prepare it first") as e:
-    datasets.open_source("tfds:no_such_dataset_here/test", str(tmp_path))
+    sources.open_source("tfds:no_such_dataset_here/test", str(tmp_path))
   assert "Dataset no_such_dataset_here not found" in str(e.value)
   assert "\n" not in str(e.value) and len(str(e.value)) < 400
   with pytest.raises(ValueError, match="tfds:NAME/SPLIT"):
-    datasets.open_source("tfds:nosplit")
+    sources.open_source("tfds:nosplit")

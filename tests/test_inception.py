@@ -1,5 +1,5 @@
 """The FID InceptionV3 against pytorch-fid's own module with the same synthetic weights (of the
-real layout; nothing is downloaded), and the Frechet distance against pytorch-fid's."""
+real layout; nothing is downloaded). (The distances' maths: test_fid.py.)"""
 import numpy as np
 import pytest
 import torch
@@ -53,8 +53,8 @@ def _pytorch_fid_module(monkeypatch):
 @pytest.mark.parametrize("dims", [2048, 192])
 def test_features_match_pytorch_fid(monkeypatch, dims):
   import jax
-  from grain_jax import inception
-  from grain_jax.torch_import import TorchReader
+  from grain_jax.nets import inception
+  from grain_jax.nets.torch_import import TorchReader
 
   sd, pfi = _pytorch_fid_module(monkeypatch)
   block = pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
@@ -80,23 +80,12 @@ def test_features_match_pytorch_fid(monkeypatch, dims):
   assert err < 1e-4, err
 
 
-def test_frechet_distance_matches_pytorch_fid():
-  from pytorch_fid.fid_score import calculate_frechet_distance
-  from grain_jax import inception
-
-  rng = np.random.default_rng(0)
-  a = rng.normal(size=(200, 64))
-  b = rng.normal(size=(150, 64)) * 1.1 + 0.2
-  (m1, s1), (m2, s2) = inception.statistics(a), inception.statistics(b)
-  want = calculate_frechet_distance(m1, s1, m2, s2)
-  assert abs(inception.frechet_distance(m1, s1, m2, s2) - want) <= 1e-6 * abs(want)
-
-
 def test_convert_reads_the_pytorch_fid_file(tmp_path, monkeypatch):
   """`grain-jax convert --inception pt_inception-....pth` gives the network pytorch-fid runs."""
   import jax
   from conftest import convert_cli
-  from grain_jax import inception, weights
+  from grain_jax.formats import weights
+  from grain_jax.nets import inception
 
   sd, pfi = _pytorch_fid_module(monkeypatch)
   path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
@@ -111,24 +100,3 @@ def test_convert_reads_the_pytorch_fid_file(tmp_path, monkeypatch):
   with torch.no_grad():
     want = ref_net(torch.from_numpy(x).permute(0, 3, 1, 2))[0].squeeze(-1).squeeze(-1).numpy()
   assert np.abs(np.asarray(got) - want).max() <= 1e-4 * np.abs(want).max()
-
-
-def test_kid_matches_torch_fidelity():
-  from torch_fidelity.metric_kid import kid_features_to_metric
-  from grain_jax import inception
-
-  rng = np.random.default_rng(3)
-  a = rng.normal(size=(120, 32)).astype(np.float32)
-  b = (rng.normal(size=(90, 32)) * 1.2 + 0.1).astype(np.float32)
-  want = kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(b), kid_subsets=20,
-                                kid_subset_size=50, verbose=False)
-  mean, std = inception.kernel_inception_distance(a, b, subsets=20, subset_size=50)
-  # The same subsets; torch-fidelity sums kernels of float32 features in float32, we in
-  # float64: they differ by float32 rounding (~4e-6 relative here).
-  assert abs(mean - want["kernel_inception_distance_mean"]) <= 2e-5 * abs(mean)
-  assert abs(std - want["kernel_inception_distance_std"]) <= 2e-5 * std
-  # Sets smaller than the subset size: the whole smaller set, as --kid-subset-size would.
-  small = inception.kernel_inception_distance(a[:30], b, subsets=5)
-  ref = kid_features_to_metric(torch.from_numpy(a[:30]), torch.from_numpy(b), kid_subsets=5,
-                               kid_subset_size=30, verbose=False)
-  assert abs(small[0] - ref["kernel_inception_distance_mean"]) <= 2e-5 * abs(small[0])

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import assert_close_rel, convert_cli, nhwc, ref
 import grain_jax
-from grain_jax import invrrdb, quantizer, resample_start
+from grain_jax.nets import invrrdb, quantizer
+from grain_jax.train import resample_start
 
 @pytest.fixture(scope="module")
 def units(torch_ckpt, tmp_path_factory):
@@ -211,7 +212,7 @@ def test_resample_start_is_box_down_nearest_up():
 
 
 def test_fusion_resample_start_passes_the_decoder_image_through():
-  from grain_jax.fusion import Fusion
+  from grain_jax.nets.fusion import Fusion
   from tiny_config import tiny_model
   model = Fusion.from_config(tiny_model())
   rng = np.random.default_rng(0)

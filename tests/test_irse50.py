@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close_rel, nchw, nhwc, ref
-from grain_jax import irse50, networks
-from grain_jax.torch_import import load_torch_file
+from grain_jax.nets import irse50, registry
+from grain_jax.nets.torch_import import load_torch_file
 
 CASE = "irse50_112"
 # (name in outputs.npz, Flax submodule name): forward hooks on input_layer / body[i] in the original.
@@ -22,7 +22,7 @@ def state_dict(torch_ckpt):
 @pytest.fixture(scope="module")
 def run(state_dict):
   """Embedding and captured intermediates of our port on the case's input."""
-  variables = networks.from_state_dict("irse50", state_dict, None)
+  variables = registry.from_state_dict("irse50", state_dict, None)
   model = irse50.IRSE50()
   wanted = {name for _, name in HOOKS} | {"output_layer"}
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from grain_jax import layers
+from grain_jax.nets import layers
 
 
 def upfirdn2d_direct(x, k, up, down, pad):
@@ -173,9 +173,9 @@ def test_matmul_weight_grads_of_a_network():
   the custom VJP inside jax.checkpoint) equals XLA's to float32 rounding; same forward."""
   import jax
 
-  from grain_jax import losses
-  from grain_jax.invrrdb import InvRRDB
-  from grain_jax.model import placeholder_values
+  from grain_jax.train import losses
+  from grain_jax.nets.invrrdb import InvRRDB
+  from grain_jax.nets.model import placeholder_values
   from tiny_config import tiny_model
 
   cfg = tiny_model()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import nchw, nhwc
-from grain_jax import losses
+from grain_jax.train import losses
 
 RNG = np.random.default_rng(0)
 
@@ -77,8 +77,8 @@ def test_r1_penalty_matches_torch_autograd():
 
 
 def test_identity_loss_is_one_minus_cosine_of_the_cropped_embeddings(torch_ckpt):
-  from grain_jax import irse50, networks
-  variables = networks.convert("irse50", torch_ckpt("irse50_112"), None)[0]
+  from grain_jax.nets import irse50, registry
+  variables = registry.convert("irse50", torch_ckpt("irse50_112"), None)[0]
   y = RNG.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
   fake = np.clip(y + RNG.normal(0, 0.3, y.shape), -1, 1).astype(np.float32)
   # Independent path: torch bilinear to 256, the fixed crop, torch adaptive pooling, then
@@ -98,7 +98,7 @@ def test_identity_loss_is_one_minus_cosine_of_the_cropped_embeddings(torch_ckpt)
 
 def test_ssim_loss_is_one_minus_the_evaluation_ssim_and_has_a_gradient():
   import skimage.metrics
-  from grain_jax import losses
+  from grain_jax.train import losses
 
   rng = np.random.default_rng(4)
   y = rng.uniform(-1, 1, (2, 24, 24, 3)).astype(np.float32)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import nchw
-from grain_jax import lpips, networks
-from grain_jax.torch_import import CheckpointError, load_torch_file
+from grain_jax.nets import lpips, registry
+from grain_jax.nets.torch_import import CheckpointError, load_torch_file
 
 
 @pytest.fixture(scope="module")
 def variables():
-  return networks.convert("lpips", "builtin", None)[0]
+  return registry.convert("lpips", "builtin", None)[0]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_torch_files_match_torch_forward(torch_files, lpips_fn):
 
   net, lin_path, alex_path = torch_files
   assert sorted(load_torch_file(lin_path)) == [f"lin{i}.model.1.weight" for i in range(5)]
-  v, files = networks.convert("lpips", f"{lin_path},{alex_path}", None)
+  v, files = registry.convert("lpips", f"{lin_path},{alex_path}", None)
   assert files == [lin_path, alex_path]
   a, b = _images(1, size=80)
   with torch.no_grad():
@@ -124,16 +124,16 @@ def test_torch_files_match_torch_forward(torch_files, lpips_fn):
   got = np.asarray(lpips_fn(v, a, b))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
   # Same weights through both routes.
-  ref = networks.convert("lpips", "builtin", None)[0]
+  ref = registry.convert("lpips", "builtin", None)[0]
   chex.assert_trees_all_equal(v, ref)
 
 
 def test_torch_files_in_the_wrong_order_are_named(torch_files):
   _, lin_path, alex_path = torch_files
   with pytest.raises(CheckpointError, match=r"keys in the wrong file.*lin layers"):
-    networks.convert("lpips", f"{alex_path},{lin_path}", None)
+    registry.convert("lpips", f"{alex_path},{lin_path}", None)
   with pytest.raises(ValueError, match="give 'builtin' or LIN.pth,ALEXNET.pth"):
-    networks.convert("lpips", lin_path, None)
+    registry.convert("lpips", lin_path, None)
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):

@@ -77,7 +77,7 @@ def _ok(results):
 
 def _weights(workdir):
   import jax
-  from grain_jax import weights
+  from grain_jax.formats import weights
   tree, _, meta = weights.load_weights(os.path.join(workdir, "weights"))
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}, meta

@@ -1,12 +1,12 @@
-"""The network table (networks.py): every converter reports a file's problems the same way,
+"""The network table (registry.py): every converter reports a file's problems the same way,
 and every network builds from the model configs. One table of cases, one check each."""
 import jax
 import numpy as np
 import pytest
 
-from grain_jax import lpips, networks
-from grain_jax.configs.model import grain_1024, grain_small
-from grain_jax.torch_import import CheckpointError
+from grain_jax.nets import lpips, registry
+from grain_jax.nets.model_config import grain_1024, grain_small
+from grain_jax.nets.torch_import import CheckpointError
 
 
 def _config(hr_size=None):
@@ -28,25 +28,25 @@ def _pt_inception_state_dict():
 
 # network -> (model config, how to get a valid state dict of that layout)
 CASES = {
-    "rescaler": (_config, lambda ckpt: networks.get("rescaler").read(ckpt("grain_invrrdb"))[0]),
-    "fea2code": (_config, lambda ckpt: networks.get("fea2code").read(ckpt("grain_fea2code"))[0]),
+    "rescaler": (_config, lambda ckpt: registry.get("rescaler").read(ckpt("grain_invrrdb"))[0]),
+    "fea2code": (_config, lambda ckpt: registry.get("fea2code").read(ckpt("grain_fea2code"))[0]),
     "generator": (lambda: _config(256),
-                  lambda ckpt: networks.get("generator").read(ckpt("stylegan2_gen_256"))[0]),
-    "fusion": (_config, lambda ckpt: networks.get("fusion").read(ckpt("grain_fusion"))[0]),
-    "discriminator": (lambda: _config(256), lambda ckpt: networks.get("discriminator").read(
+                  lambda ckpt: registry.get("generator").read(ckpt("stylegan2_gen_256"))[0]),
+    "fusion": (_config, lambda ckpt: registry.get("fusion").read(ckpt("grain_fusion"))[0]),
+    "discriminator": (lambda: _config(256), lambda ckpt: registry.get("discriminator").read(
         ckpt("stylegan2_disc_256"))[0]),
     "patch_discriminator": (_config, lambda ckpt: _patch_discriminator_state_dict()),
-    "irse50": (_config, lambda ckpt: networks.get("irse50").read(ckpt("irse50_112"))[0]),
+    "irse50": (_config, lambda ckpt: registry.get("irse50").read(ckpt("irse50_112"))[0]),
     "lpips": (_config, lambda ckpt: lpips.builtin_state_dict()),
     "inception": (_config, lambda ckpt: _pt_inception_state_dict()),
 }
 
 
 def test_every_network_has_a_case_and_its_own_convert_option():
-  assert set(CASES) == set(networks.NETWORKS)
-  options = [n.option for n in networks.NETWORKS.values()]
+  assert set(CASES) == set(registry.NETWORKS)
+  options = [n.option for n in registry.NETWORKS.values()]
   assert len(set(options)) == len(options)
-  assert networks.option_hint(["rescaler", "generator"]) == (
+  assert registry.option_hint(["rescaler", "generator"]) == (
       "rescaler (--invrrdb), generator (--stylegan2)")
 
 
@@ -72,8 +72,8 @@ def _a_weight(sd, ndim):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_valid_file_converts_to_the_expected_tree(name, valid):
   cfg, sd = valid(name)
-  variables = networks.from_state_dict(name, sd, cfg)
-  expected = networks.expected_variables(name, cfg)
+  variables = registry.from_state_dict(name, sd, cfg)
+  expected = registry.expected_variables(name, cfg)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
   for got, want in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(expected)):
     assert np.shape(got) == want.shape
@@ -96,7 +96,7 @@ def test_a_bad_file_is_reported_by_key(name, problem, valid):
     sd[key] = np.zeros((np.shape(sd[key])[0] + 1,) + np.shape(sd[key])[1:], np.float32)
     match = r"shape \(.*\) \(in Flax layout\), the configured model needs"
   with pytest.raises(CheckpointError, match=match) as e:
-    networks.from_state_dict(name, sd, cfg, what=f"{name} (FILE)")
+    registry.from_state_dict(name, sd, cfg, what=f"{name} (FILE)")
   assert str(e.value).startswith(f"{name} (FILE): ")
 
 
@@ -107,13 +107,13 @@ def test_every_problem_of_a_file_is_named_at_once(valid):
   sd["conv1.0.weight"] = np.zeros((5, 5, 3, 3), np.float32)
   sd["extra.bias"] = np.zeros(2, np.float32)
   with pytest.raises(CheckpointError) as e:
-    networks.from_state_dict("fusion", sd, cfg)
+    registry.from_state_dict("fusion", sd, cfg)
   msg = str(e.value)
   assert "out.4.bias" in msg and "extra.bias" in msg and "params/conv1_0/kernel: shape" in msg
 
 
 @pytest.mark.parametrize("cfg", [grain_1024(), grain_small()], ids=["1024", "small"])
 def test_every_network_builds_from_the_model_configs(cfg):
-  for name in networks.NETWORKS:
-    leaves = jax.tree_util.tree_leaves(networks.expected_variables(name, cfg))
+  for name in registry.NETWORKS:
+    leaves = jax.tree_util.tree_leaves(registry.expected_variables(name, cfg))
     assert leaves and all(leaf.dtype == np.float32 for leaf in leaves), name

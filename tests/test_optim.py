@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from grain_jax import optim
+from grain_jax.train import optim
 
 
 def reference_ranger(params, grad_fn, steps, lr=1e-3, b1=0.95, b2=0.999, eps=1e-5, k=6,

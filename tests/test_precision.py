@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grain_jax import losses, stages
-from grain_jax.model import GRAIN, init_variables
-from grain_jax.train_step import forward
+from grain_jax.train import losses, stages
+from grain_jax.nets.model import GRAIN, init_variables
+from grain_jax.train.step import forward
 from tiny_config import tiny_model
 
 

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from grain_jax import cli
+from grain_jax.cli import program
+from grain_jax.cli.commands import COMMANDS
 
 
 def _readme():
@@ -60,8 +61,8 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
 def test_every_readme_command_parses():
   commands = _commands(_all_text())
   assert len(commands) >= 15
-  assert {shlex.split(c)[1] for c in commands} == set(cli.COMMANDS)
-  parser = cli.build_parser()
+  assert {shlex.split(c)[1] for c in commands} == set(COMMANDS)
+  parser = program.build_parser()
   for line in commands:
     args, extra = parser.parse_known_args(shlex.split(line)[1:])
     if args.command.config_overrides:

@@ -1,6 +1,7 @@
-"""grain_jax.report: thumbnails, and index.html checked as a browser would use it: every
-link resolves inside OUT, the data survive hostile file names, absent columns are left out,
-the plot has a point per image, and the table script sorts and pages (run by node if present)."""
+"""The evaluation report (eval/report.py): thumbnails, and index.html checked as a browser
+would use it: every link resolves inside OUT, the data survive hostile file names, absent
+columns are left out, the plot has a point per image, and the table script sorts and pages
+(run by node if present)."""
 import html.parser
 import json
 import math
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grain_jax import report
+from grain_jax.eval import report
 
 NAMES = ["a face #1 100%.jpg", "x/y.jpg", "q&a</script>.png"]
 

@@ -7,8 +7,9 @@ import numpy as np
 from PIL import Image
 
 from conftest import ROOT, write_png16
-from grain_jax import cli, images
-from grain_jax.quantizer import lr_to_uint8
+from grain_jax import cli
+from grain_jax.formats import images
+from grain_jax.nets.quantizer import lr_to_uint8
 
 SAMPLE = os.path.join(ROOT, "grain_jax", "samples", "astronaut_face.png")
 
@@ -115,7 +116,8 @@ def test_refuses_bad_checkpoint_collisions_and_overwriting_inputs(small_weights,
 
 
 def test_help_explains_both_commands():
-  res = subprocess.run([sys.executable, "-m", "grain_jax.rescale", "--help"], cwd=ROOT,
-                       capture_output=True, text=True)
-  assert res.returncode == 0
-  assert "down --checkpoint CKPT INPUT" in res.stdout and "center-cropped" in res.stdout
+  for sub in ("down", "up"):
+    res = subprocess.run([sys.executable, "-m", "grain_jax", sub, "--help"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0
+    assert "down --checkpoint CKPT INPUT" in res.stdout and "center-cropped" in res.stdout

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_close_rel, nhwc, ref
-from grain_jax import networks, stylegan2
-from grain_jax.configs.model import grain_1024
-from grain_jax.torch_import import CheckpointError, load_torch_file
+from grain_jax.nets import registry, stylegan2
+from grain_jax.nets.model_config import grain_1024
+from grain_jax.nets.torch_import import CheckpointError, load_torch_file
 
 CASE = "stylegan2_gen_256"
 
@@ -19,12 +19,12 @@ def config(hr_size=256):
 
 
 def _convert(g_ema, latent_avg):
-  return networks.from_state_dict("generator", {**g_ema, "latent_avg": latent_avg}, config())
+  return registry.from_state_dict("generator", {**g_ema, "latent_avg": latent_avg}, config())
 
 
 @pytest.fixture(scope="module")
 def gen(torch_ckpt):
-  model = networks.build("generator", config())
+  model = registry.build("generator", config())
   assert tuple(model.channels) == stylegan2.default_channels(256)
   ckpt = load_torch_file(torch_ckpt(CASE))
   return model, _convert(ckpt["g_ema"], ckpt["latent_avg"]), ckpt
@@ -102,8 +102,8 @@ def test_file_checks(gen, tmp_path):
   g_ema = {k: torch.from_numpy(v) for k, v in ckpt["g_ema"].items()}
   torch.save({"g_ema": g_ema}, tmp_path / "no_avg.pt")
   with pytest.raises(CheckpointError, match="no_avg.pt: the file has no 'latent_avg'"):
-    networks.convert("generator", str(tmp_path / "no_avg.pt"), config())
+    registry.convert("generator", str(tmp_path / "no_avg.pt"), config())
   torch.save({"g_ema": g_ema, "latent_avg": torch.zeros(512)}, tmp_path / "g256.pt")
   with pytest.raises(CheckpointError, match=r"a 256px generator, but the model config is for "
                                             r"1024px \(set --config.model.hr_size=256"):
-    networks.convert("generator", str(tmp_path / "g256.pt"), config(1024))
+    registry.convert("generator", str(tmp_path / "g256.pt"), config(1024))

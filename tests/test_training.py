@@ -52,7 +52,7 @@ def pictures(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
-  from grain_jax.cli import enable_compilation_cache
+  from grain_jax.cli.program import enable_compilation_cache
   enable_compilation_cache()
 
 
@@ -63,7 +63,7 @@ def _cfg(pictures, stage="invrrdb", **over):
 
 
 def _weights(workdir):
-  from grain_jax import weights
+  from grain_jax.formats import weights
   tree, _, meta = weights.load_weights(os.path.join(workdir, "weights"))
   return tree, meta
 
@@ -79,17 +79,17 @@ def _log(workdir):
 
 
 def test_interrupted_run_resumes_to_the_same_result(pictures, tmp_path, monkeypatch):
-  from grain_jax import trainer
+  from grain_jax.train import loop
   cfg = _cfg(pictures)
-  trainer.train_and_evaluate(cfg, str(tmp_path / "straight"), progress=False)
+  loop.train_and_evaluate(cfg, str(tmp_path / "straight"), progress=False)
 
   # The same run killed during step 3 (after the checkpoint of step 2), then restarted.
   unhook = hook_training_step(monkeypatch, kill_at(3))
   with pytest.raises(KeyboardInterrupt):
-    trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
+    loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
   unhook()
   assert [r["step"] for r in _log(tmp_path / "resumed")] == [1, 2]
-  trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), progress=False)
 
   a, _ = _weights(tmp_path / "straight")
   b, meta = _weights(tmp_path / "resumed")
@@ -101,14 +101,14 @@ def test_interrupted_run_resumes_to_the_same_result(pictures, tmp_path, monkeypa
 
 
 def test_changed_config_is_refused_on_resume(pictures, tmp_path):
-  from grain_jax import checkpoints, trainer
-  trainer.train_and_evaluate(_cfg(pictures, max_steps=2), str(tmp_path), progress=False)
+  from grain_jax.train import checkpoints, loop
+  loop.train_and_evaluate(_cfg(pictures, max_steps=2), str(tmp_path), progress=False)
   with pytest.raises(checkpoints.ConfigMismatchError, match=r"loss.l2: checkpoint 1.0, now 2.0"):
-    trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.l2": 2.0}), str(tmp_path),
-                               progress=False)
+    loop.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.l2": 2.0}), str(tmp_path),
+                            progress=False)
   # Run length and reporting may change: this continues the run.
-  trainer.train_and_evaluate(_cfg(pictures, max_steps=3, log_every=3), str(tmp_path),
-                             progress=False)
+  loop.train_and_evaluate(_cfg(pictures, max_steps=3, log_every=3), str(tmp_path),
+                          progress=False)
   assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 3
   # A config saved before loss.ssim existed matches loss.ssim 0 (what that version did),
   # not another value.
@@ -118,20 +118,20 @@ def test_changed_config_is_refused_on_resume(pictures, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(checkpoints.ConfigMismatchError,
                      match=r"loss.ssim: checkpoint 0.0, now 0.5"):
-    trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.ssim": 0.5}),
-                               str(tmp_path), progress=False)
+    loop.train_and_evaluate(_cfg(pictures, max_steps=4, **{"loss.ssim": 0.5}),
+                            str(tmp_path), progress=False)
   # 'xla' is what 'auto' means for these small convs: the same programs, no new compilation.
-  trainer.train_and_evaluate(_cfg(pictures, max_steps=4, **{"model.conv_weight_grad": "xla"}),
-                             str(tmp_path), progress=False)
+  loop.train_and_evaluate(_cfg(pictures, max_steps=4, **{"model.conv_weight_grad": "xla"}),
+                          str(tmp_path), progress=False)
   assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 4
 
 
 def test_stage_two_starts_from_stage_one_and_trains_only_fea2code(pictures, tmp_path):
-  from grain_jax import trainer
+  from grain_jax.train import loop
   s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
-  trainer.train_and_evaluate(_cfg(pictures, max_steps=2), s1, progress=False)
+  loop.train_and_evaluate(_cfg(pictures, max_steps=2), s1, progress=False)
   w1, _ = _weights(s1)
-  trainer.train_and_evaluate(
+  loop.train_and_evaluate(
       _cfg(pictures, "fea2code", max_steps=2, **{"init.previous_workdir": s1,
                                                  "init.random_all": False}), s2, progress=False)
   w2, meta = _weights(s2)
@@ -145,15 +145,15 @@ def test_stage_two_starts_from_stage_one_and_trains_only_fea2code(pictures, tmp_
 
 
 def test_missing_weights_are_named(pictures, tmp_path):
-  from grain_jax import trainer
+  from grain_jax.train import loop
   cfg = _cfg(pictures, "fea2code", **{"init.random_all": False,
                                       "init.random_init": ("fea2code", "discriminator")})
   with pytest.raises(ValueError, match=r"rescaler \(--invrrdb\), generator \(--stylegan2\)"):
-    trainer.train_and_evaluate(cfg, str(tmp_path), progress=False)
+    loop.train_and_evaluate(cfg, str(tmp_path), progress=False)
 
 
 def test_short_run_loss_falls_and_validation_writes_metrics(pictures, tmp_path):
-  from grain_jax import trainer
+  from grain_jax.train import loop
   import torch
   from test_inception import pt_inception_state_dict
 
@@ -170,7 +170,7 @@ def test_short_run_loss_falls_and_validation_writes_metrics(pictures, tmp_path):
                                 "optimizer.name": "adam", "learning_rate": 3e-3,
                                 "data.eval_fid": True, "data.eval_inception": str(pth),
                                 "data.eval_fid_dims": 64})
-  m = trainer.train_and_evaluate(cfg, str(tmp_path / "run"), progress=False)
+  m = loop.train_and_evaluate(cfg, str(tmp_path / "run"), progress=False)
   losses = [r["loss_l2"] for r in _log(tmp_path / "run")]
   assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
   assert m["num_images"] == 2 and "hr_inv_psnr" in m and "bicubic_psnr" in m
@@ -211,18 +211,19 @@ def test_a_time_budget_sets_the_steps_and_a_fixed_run_of_that_length_is_identica
   (the probe ends inside the warmup). The clock is driven: compiling step done at 100 s, the
   5 probe steps at 105 s (1 s/step), budget 120 s -> 6 + int((120 - 105 - 3.4) / 1) = 17."""
   import grain_jax
-  from grain_jax import trainer
+  from grain_jax.train import loop
+  from grain_jax.util import runs
 
   base = {"data.train": pictures, "lr_schedule": "cosine", "warmup_steps": 10,
           "checkpoint_every": 0, "log_every": 1}
   clock = iter([100.0, 105.0])
-  monkeypatch.setattr(trainer, "clock", lambda: next(clock))
+  monkeypatch.setattr(runs, "clock", lambda: next(clock))
   budget = _cfg(pictures, **base, max_steps=1000, time_budget_s=120.0)
-  trainer.train_and_evaluate(budget, str(tmp_path / "budget"), progress=False, started=0.0)
+  loop.train_and_evaluate(budget, str(tmp_path / "budget"), progress=False, started=0.0)
   assert [r["step"] for r in _log(tmp_path / "budget")] == list(range(1, 18))
   monkeypatch.undo()
-  trainer.train_and_evaluate(_cfg(pictures, **base, max_steps=17), str(tmp_path / "fixed"),
-                             progress=False)
+  loop.train_and_evaluate(_cfg(pictures, **base, max_steps=17), str(tmp_path / "fixed"),
+                          progress=False)
   a, b = (grain_jax.load(str(tmp_path / w)) for w in ("budget", "fixed"))
   assert a.meta["sources"]["trained_steps"] == b.meta["sources"]["trained_steps"] == 17
   chex.assert_trees_all_equal(a.variables, b.variables)
@@ -235,17 +236,18 @@ def test_a_budgeted_run_stopped_before_its_budget_decided_decides_when_resumed(
   """Killed during the probe (checkpoint at step 2, the length decided only at step 6), the
   resumed run probes again instead of running to max_steps: compiling step 3 done at 100 s,
   probe steps 4-8 at 105 s, budget 120 s from its start -> 8 + int((120 - 105 - 3.4) / 1) = 19."""
-  from grain_jax import trainer
+  from grain_jax.train import loop
+  from grain_jax.util import runs
 
   cfg = _cfg(pictures, max_steps=40, time_budget_s=120.0, checkpoint_every=2,
              **{"lr_schedule": "cosine", "warmup_steps": 10})
   clock = iter([100.0, 100.0, 105.0])
-  monkeypatch.setattr(trainer, "clock", lambda: next(clock))
+  monkeypatch.setattr(runs, "clock", lambda: next(clock))
   unhook = hook_training_step(monkeypatch, kill_at(3))
   with pytest.raises(KeyboardInterrupt):
-    trainer.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
+    loop.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
   unhook()
-  trainer.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
+  loop.train_and_evaluate(cfg, str(tmp_path), progress=False, started=0.0)
   assert [r["step"] for r in _log(tmp_path)] == list(range(1, 20))
   assert _weights(tmp_path)[1]["sources"]["trained_steps"] == 19
 
@@ -256,7 +258,7 @@ def test_demo_pipeline_with_fixed_steps_preempted_in_stage_3_and_resumed(tmp_pat
   stopped by SIGTERM in stage 3 (after its step 2, with a checkpoint), the same run skips
   stages 1-2 and resumes stage 3 from its checkpoint, then evaluates: metrics.json with the
   steps each stage ran and the command that reruns them, and the labelled comparison."""
-  from grain_jax import demo_training, stages, stopping
+  from grain_jax.train import quickstart, stages, stopping
   from grain_jax.configs import demo
   from tiny_config import tiny_model
 
@@ -271,13 +273,13 @@ def test_demo_pipeline_with_fixed_steps_preempted_in_stage_3_and_resumed(tmp_pat
   work = tmp_path / "demo"
   unhook = hook_training_step(monkeypatch, signal_at(2, signal.SIGTERM, "fusion"))
   with pytest.raises(stopping.Interrupted, match="stopped at step 2 \\(SIGTERM\\)"):
-    demo_training.run(cfg, str(work), progress=False)
+    quickstart.run(cfg, str(work), progress=False)
   unhook()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
   record = json.loads((work / "pipeline.json").read_text())
   assert [(r["stage"], r["steps"]) for r in record["stages"]] == [("invrrdb", 3), ("fea2code", 2)]
   capsys.readouterr()
-  m = demo_training.run(cfg, str(work), progress=False)
+  m = quickstart.run(cfg, str(work), progress=False)
   out = capsys.readouterr().out
   assert "stage 1/4 invrrdb: finished earlier (3 steps)" in out
   assert "stage 3/4 fusion: 3 steps in" in out and "GRAIN    hr PSNR" in out
@@ -307,15 +309,16 @@ def test_demo_pipeline_with_fixed_steps_preempted_in_stage_3_and_resumed(tmp_pat
 def test_pipeline_command_line_sets_shared_and_per_stage_fields(capsys):
   """--config.FIELD sets every stage, --config.pipeline.overrides.STAGE.FIELD any training
   field of one stage (typed), fields at -1 keep each stage's recipe; mistakes are named."""
-  import argparse
-  from grain_jax import cli, pipeline
+  from grain_jax import cli
+  from grain_jax.cli import config_flags
+  from grain_jax.train.config import stage_config
 
   tiny = os.path.join(os.path.dirname(__file__), "tiny_config.py:pipeline")
-  cfg = cli._load_config(argparse.Namespace(config=tiny), [
+  cfg = config_flags.load(tiny, [
       "--config.batch_size=4", "--config.pipeline.overrides.fusion.learning_rate=5e-4",
       "--config.pipeline.overrides.finetune.data.random_scale=(0.2,0.4)",
       "--config.pipeline.overrides.finetune.loss.l2=2"])
-  fusion, finetune = (pipeline.stage_config(cfg, s) for s in ("fusion", "finetune"))
+  fusion, finetune = (stage_config(cfg, s) for s in ("fusion", "finetune"))
   assert fusion.batch_size == finetune.batch_size == 4
   assert fusion.learning_rate == 5e-4 and finetune.learning_rate == 1e-3  # tiny's shared 1e-3
   assert tuple(finetune.data.random_scale) == (0.2, 0.4) and finetune.loss.l2 == 2.0
@@ -336,7 +339,8 @@ def test_a_new_row_in_the_loss_table_reaches_every_consumer(pictures, tmp_path, 
   checkpoint without it resumes as 'off'), the step computes and logs it, the bench and the
   demo take it."""
   import jax.numpy as jnp
-  from grain_jax import checkpoints, cli, losses, trainer
+  from grain_jax import cli
+  from grain_jax.train import checkpoints, losses, loop
   from grain_jax.configs import demo
 
   tv = lambda i: (jnp.mean(jnp.abs(jnp.diff(i.hr, axis=1)))
@@ -348,7 +352,7 @@ def test_a_new_row_in_the_loss_table_reaches_every_consumer(pictures, tmp_path, 
   assert demo.get_config().loss.tv == 0.0  # the demo trains on the L2 terms only
 
   cfg = _cfg(pictures, max_steps=1, checkpoint_every=0, **{"loss.tv": 0.5})
-  trainer.train_and_evaluate(cfg, str(tmp_path), progress=False)
+  loop.train_and_evaluate(cfg, str(tmp_path), progress=False)
   first = _log(tmp_path)[0]
   assert first["loss_tv"] > 0
   assert first["loss"] == pytest.approx(

@@ -4,8 +4,8 @@ tests/data/grain_training holds what the original `coaches/coachTrain.py` comput
 consecutive steps of each stage (README.md there: how, and every change made to run it): the
 losses of every step and, after step K, the parameters of the trained networks and the
 discriminator. Here the same initial weights go through `grain-jax convert`, the same batches
-and random draws through the program the trainer runs (train_step.create_training), and each
-loss term and parameter is compared with the original's.
+and random draws through the program the training loop runs (train.step.create_training), and
+each loss term and parameter is compared with the original's.
 
 The model is GRAIN's 1024 layout (the published networks' parameter shapes) at 256 px: 64x to
 a 4x4 LR image, Fea2Code's 18 codes, and a StyleGAN2 G and D at 256 px whose last three
@@ -22,9 +22,11 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from conftest import DATA, convert_cli
-from grain_jax import networks, optim, train_step, train_weights
-from grain_jax.configs.model import grain_1024
-from grain_jax.configs.training import training_config
+from grain_jax.nets import registry
+from grain_jax.nets.model_config import grain_1024
+from grain_jax.train import initial_weights, optim
+from grain_jax.train.config import training_config
+from grain_jax.train.step import AXIS, create_training
 
 sys.path.insert(0, os.path.join(DATA, "grain_training"))
 import recipe  # noqa: E402
@@ -110,14 +112,14 @@ def training_of(parity_weights):
   """stage -> (config, Training, loss variables) from the converted weights, its programs
   compiled ahead side by side (XLA compiles a program on one core). Built when a test asks,
   so that one stage's state and programs are in memory at a time (four at once took ~17 GB)."""
-  mesh = Mesh(np.array(jax.devices()[:1]), (train_step.AXIS,))
+  mesh = Mesh(np.array(jax.devices()[:1]), (AXIS,))
 
   def build(stage):
     cfg = training_config(stage, parity_model())
     cfg.init.weights = parity_weights
     cfg.batch_size = 1
-    variables, d_variables, loss_vars, _ = train_weights.initial_variables(cfg)
-    training = train_step.create_training(cfg, variables, d_variables, loss_vars, mesh)
+    variables, d_variables, loss_vars, _ = initial_weights.initial_variables(cfg)
+    training = create_training(cfg, variables, d_variables, loss_vars, mesh)
     batch = step_batch(stage, 0, _reference(stage)[0])  # step 0 runs every program
     training.step.compile(training.state, batch, loss_vars)
     return cfg, training, loss_vars
@@ -125,7 +127,7 @@ def training_of(parity_weights):
 
 
 def run_grain_jax(stage: str, training, loss_vars, ref: dict):
-  """K steps of the trainer's step: (per-step metrics, final state)."""
+  """K steps of the training loop's step: (per-step metrics, final state)."""
   state, metrics = training.state, []
   for k in range(ref["steps"]):
     state, m = training.step(state, step_batch(stage, k, ref), loss_vars)
@@ -147,7 +149,7 @@ def loss_errors(ref: dict, metrics: list) -> dict:
 
 
 def _converted(name: str, model_cfg, state_dict: dict) -> dict:
-  params = networks.from_state_dict(name, state_dict, model_cfg)["params"]
+  params = registry.from_state_dict(name, state_dict, model_cfg)["params"]
   return traverse_util.flatten_dict(params, sep="/")
 
 
@@ -206,7 +208,7 @@ def test_training_steps_match_the_original(stage, training_of, torch_ckpt):
   nets[d_name] = optim.model_params(state.d_params)
   params = {}
   for n, p in nets.items():
-    sd0, _ = networks.get(n).read(torch_ckpt(FOLDERS[n][0]))
+    sd0, _ = registry.get(n).read(torch_ckpt(FOLDERS[n][0]))
     params[n] = param_errors(n, cfg.model, sd0, p, ref, full)
   if os.environ.get("GRAIN_PRINT_PARITY"):
     print(f"PARITY {stage}: losses {losses}; params {params}")

@@ -35,7 +35,7 @@ def pictures(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
-  from grain_jax.cli import enable_compilation_cache
+  from grain_jax.cli.program import enable_compilation_cache
   enable_compilation_cache()
 
 
@@ -67,7 +67,7 @@ def _damage(workdir, step):
 
 
 def test_diverging_run_skips_steps_then_stops_with_status_2(pictures, tmp_path, capsys):
-  from grain_jax import weights
+  from grain_jax.formats import weights
   held = tmp_path / "held"
   held.mkdir()
   Image.fromarray(skimage.data.astronaut()[100:164, 200:264]).save(held / "a.png")
@@ -96,7 +96,7 @@ def test_diverging_run_skips_steps_then_stops_with_status_2(pictures, tmp_path, 
 
 
 def test_training_data_that_cannot_serve_stops_at_once(tmp_path, capsys, caplog):
-  from grain_jax.input_pipeline import DataError, TrainData
+  from grain_jax.data.input_pipeline import DataError, TrainData
 
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -133,7 +133,7 @@ def test_training_data_that_cannot_serve_stops_at_once(tmp_path, capsys, caplog)
 
 def test_a_bad_file_among_good_ones_is_named_and_skipped(pictures, tmp_path, caplog):
   import shutil
-  from grain_jax.input_pipeline import TrainData
+  from grain_jax.data.input_pipeline import TrainData
 
   d = tmp_path / "mixed"
   shutil.copytree(pictures, d)
@@ -148,41 +148,43 @@ def test_a_bad_file_among_good_ones_is_named_and_skipped(pictures, tmp_path, cap
 
 
 def test_one_run_per_workdir(tmp_path):
-  from grain_jax import files, trainer
+  from grain_jax.train import loop
+  from grain_jax.util import runs
   work = tmp_path / "w"
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from grain_jax import files; "
-       f"lock = files.WorkdirLock({str(work)!r}).acquire(); print('locked', flush=True); "
+      [sys.executable, "-c", "import sys, time; from grain_jax.util import runs; "
+       f"lock = runs.WorkdirLock({str(work)!r}).acquire(); print('locked', flush=True); "
        "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(RuntimeError, match=rf"{work} is in use by another training run \(host "
                                            rf"\S+, pid {holder.pid}, since "):
-      trainer.train_and_evaluate(tiny_training(), str(work), progress=False)
+      loop.train_and_evaluate(tiny_training(), str(work), progress=False)
     assert os.listdir(work) == [".lock"]  # refused before writing anything
   finally:
     holder.send_signal(signal.SIGKILL)  # a killed run: no chance to clean up
     holder.wait()
-  with files.WorkdirLock(str(work)) as lock:  # its lock does not block the next run
+  with runs.WorkdirLock(str(work)) as lock:  # its lock does not block the next run
     with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
-      files.WorkdirLock(str(work)).acquire()  # and a lock is a lock within a process too
-  files.WorkdirLock(str(work)).acquire().release()
+      runs.WorkdirLock(str(work)).acquire()  # and a lock is a lock within a process too
+  runs.WorkdirLock(str(work)).acquire().release()
   assert lock._f is None
 
 
 def test_resume_survives_a_cut_log_line_and_a_damaged_checkpoint(pictures, tmp_path, caplog,
                                                                   capsys):
-  from grain_jax import trainer, weights
+  from grain_jax.formats import weights
+  from grain_jax.train import loop
   work = str(tmp_path / "w")
   cfg = lambda steps: tiny_training(**{"data.train": pictures, "max_steps": steps})
-  trainer.train_and_evaluate(cfg(4), work, progress=False)
+  loop.train_and_evaluate(cfg(4), work, progress=False)
   first = _log(work)
   with open(os.path.join(work, "train_metrics.jsonl"), "a") as f:
     f.write('{"step": 5, "loss": 0.4')  # a kill mid-write
   _damage(work, 4)
 
   with caplog.at_level(logging.WARNING, "grain_jax.train"):
-    trainer.train_and_evaluate(cfg(6), work, progress=False)
+    loop.train_and_evaluate(cfg(6), work, progress=False)
   warnings = " ".join(r.getMessage() for r in caplog.records)
   assert "checkpoint step 4 in" in warnings and "resuming from step 2 instead" in warnings
   assert "damaged line" in warnings
@@ -206,11 +208,12 @@ def test_resume_survives_a_cut_log_line_and_a_damaged_checkpoint(pictures, tmp_p
 
 
 def test_initial_weights_that_do_not_fit_are_named(pictures, tmp_path, capsys):
-  from grain_jax import networks, weights
-  from grain_jax.model import placeholder_values
+  from grain_jax.formats import weights
+  from grain_jax.nets import registry
+  from grain_jax.nets.model import placeholder_values
   cfg = tiny_training()
   wide = tiny_training(**{"model.rescaler.nf": 16}).model
-  rescaler = placeholder_values(networks.expected_variables("rescaler", wide))
+  rescaler = placeholder_values(registry.expected_variables("rescaler", wide))
   weights.save_weights(str(tmp_path / "wide"), {"rescaler": rescaler}, wide, {})
   rc, err = _train_cli(capsys, tmp_path / "w", f"--config.data.train={pictures}",
                        f"--config.init.weights={tmp_path / 'wide'}")
@@ -219,7 +222,7 @@ def test_initial_weights_that_do_not_fit_are_named(pictures, tmp_path, capsys):
           f"params/decoder/conv_first/bias is (16,) there, the config's model expects (8,)"
           ) in err[-1]
 
-  nan = {"rescaler": placeholder_values(networks.expected_variables("rescaler", cfg.model))}
+  nan = {"rescaler": placeholder_values(registry.expected_variables("rescaler", cfg.model))}
   nan["rescaler"]["params"]["encoder"]["conv_first"]["bias"][0] = np.nan
   weights.save_weights(str(tmp_path / "nan"), nan, cfg.model, {})
   rc, err = _train_cli(capsys, tmp_path / "w", f"--config.data.train={pictures}",
@@ -233,10 +236,10 @@ def test_checkpoints_from_before_the_divergence_guard_still_resume(pictures, tmp
   import shutil
 
   import orbax.checkpoint as ocp
-  from grain_jax import trainer
+  from grain_jax.train import loop
   cfg = lambda steps: tiny_training(**{"data.train": pictures, "max_steps": steps})
   new, old = str(tmp_path / "new"), str(tmp_path / "old")
-  trainer.train_and_evaluate(cfg(2), new, progress=False)
+  loop.train_and_evaluate(cfg(2), new, progress=False)
   manager = lambda w: ocp.CheckpointManager(
       os.path.join(w, "checkpoints"), item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                       "data": ocp.JsonCheckpointHandler()})
@@ -256,7 +259,7 @@ def test_checkpoints_from_before_the_divergence_guard_still_resume(pictures, tmp
   shutil.copy(os.path.join(new, "config.json"), os.path.join(old, "config.json"))
 
   for w in (new, old):
-    trainer.train_and_evaluate(cfg(4), w, progress=False)
+    loop.train_and_evaluate(cfg(4), w, progress=False)
   assert [r["step"] for r in _log(old)] == [3, 4]
   assert _log(old) == _log(new)[2:]
 
@@ -264,15 +267,15 @@ def test_checkpoints_from_before_the_divergence_guard_still_resume(pictures, tmp
 def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
   import jax.numpy as jnp
 
-  from grain_jax import checkpoints, train_step
+  from grain_jax.train.state import TrainState, state_is_finite
   counters = dict(step=jnp.array(3), rng=jnp.zeros(2, jnp.uint32), nonfinite_run=jnp.array(0),
                   nonfinite_total=jnp.array(0), schedule_steps=jnp.array(9))
-  state = lambda fields: train_step.TrainState(**counters, **fields)
+  state = lambda fields: TrainState(**counters, **fields)
   ok = lambda: dict(params={"w": jnp.ones((3, 3)), "b": jnp.zeros(3, jnp.bfloat16)},
                     opt_state=({"mu": jnp.zeros(3)}, jnp.array(7, jnp.int32)),
                     frozen={"g": jnp.ones(2)}, d_params={}, d_opt_state=(),
                     d_batch_stats={"var": jnp.ones(4)})
-  assert checkpoints.state_is_finite(state(ok()))
+  assert state_is_finite(state(ok()))
   for part, key, bad in (("opt_state", None, jnp.inf), ("params", "b", jnp.nan),
                          ("frozen", "g", jnp.nan), ("d_batch_stats", "var", -jnp.inf)):
     fields = ok()
@@ -280,7 +283,7 @@ def test_a_state_with_a_non_finite_value_anywhere_is_not_finite():
       fields[part] = ({"mu": jnp.zeros(3).at[1].set(bad)}, fields[part][1])
     else:
       fields[part][key] = fields[part][key].at[0].set(bad)
-    assert not checkpoints.state_is_finite(state(fields)), part
+    assert not state_is_finite(state(fields)), part
 
 
 def test_the_step_guard_finds_a_non_finite_value_in_any_group_of_leaves(monkeypatch):
@@ -289,18 +292,18 @@ def test_the_step_guard_finds_a_non_finite_value_in_any_group_of_leaves(monkeypa
   import jax
   import jax.numpy as jnp
 
-  from grain_jax import train_step
-  monkeypatch.setattr(train_step, "FINITE_CHECK_ELEMENTS", 8)
+  from grain_jax.train import state
+  monkeypatch.setattr(state, "FINITE_CHECK_ELEMENTS", 8)
   tree = {"a": jnp.ones(3), "b": jnp.ones((2, 2)), "c": jnp.ones(5), "big": jnp.ones((3, 4)),
           "half": jnp.ones(2, jnp.bfloat16), "count": jnp.array([7], jnp.int32)}
-  check = jax.jit(train_step.all_finite)
+  check = jax.jit(state.all_finite)
   assert check(tree)
   for key in ("a", "b", "c", "big", "half"):
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
       leaf = tree[key]
       broken = dict(tree, **{key: leaf.reshape(-1).at[-1].set(bad).reshape(leaf.shape)})
       assert not check(broken), (key, bad)
-  assert train_step.all_finite({}) and train_step.all_finite({"n": jnp.arange(3)})
+  assert state.all_finite({}) and state.all_finite({"n": jnp.arange(3)})
 
 
 def test_a_checkpoint_holding_a_nan_is_refused_and_kept(pictures, tmp_path, capsys):
@@ -308,10 +311,10 @@ def test_a_checkpoint_holding_a_nan_is_refused_and_kept(pictures, tmp_path, caps
   hand here, as a damaged or foreign one would be) stops the run before any step, and stays."""
   import jax
   import orbax.checkpoint as ocp
-  from grain_jax import trainer
+  from grain_jax.train import loop
   work = tmp_path / "w"
-  trainer.train_and_evaluate(tiny_training(**{"data.train": pictures, "max_steps": 2}),
-                             str(work), progress=False)
+  loop.train_and_evaluate(tiny_training(**{"data.train": pictures, "max_steps": 2}),
+                          str(work), progress=False)
   mgr = ocp.CheckpointManager(
       os.path.join(work, "checkpoints"), item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                          "data": ocp.JsonCheckpointHandler()})
@@ -343,7 +346,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_is_identic
   restored afterwards."""
   import chex
   import grain_jax
-  from grain_jax import stopping
+  from grain_jax.train import stopping
 
   args = [f"--config.data.train={pictures}", "--config.max_steps=6",
           "--config.checkpoint_every=0"]
@@ -364,11 +367,12 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_is_identic
 
 def test_time_limit_and_a_chosen_signal_stop_the_same_way_and_ctrl_c_twice_at_once(
     pictures, tmp_path, capsys, monkeypatch):
-  from grain_jax import stopping, trainer
+  from grain_jax.train import stopping
+  from grain_jax.util import runs
 
   calls = []
-  monkeypatch.setattr(trainer, "clock", lambda: calls.append(1) or (100.0 if len(calls) > 3
-                                                                      else 0.0))
+  monkeypatch.setattr(runs, "clock", lambda: calls.append(1) or (100.0 if len(calls) > 3
+                                                                   else 0.0))
   rc, err = _train_cli(capsys, tmp_path / "limit", f"--config.data.train={pictures}",
                        "--config.max_steps=8", "--config.time_limit_s=50")
   assert rc == 75 and any("(time_limit_s)" in line for line in err), err
@@ -400,7 +404,7 @@ def test_time_limit_and_a_chosen_signal_stop_the_same_way_and_ctrl_c_twice_at_on
 def _simulated_filesystem(monkeypatch, workdir, size):
   """Makes the free-space check see `workdir` on a filesystem of `size` bytes: free is
   `size` less what the workdir holds."""
-  from grain_jax import disk_space
+  from grain_jax.util import disk_space
   monkeypatch.setattr(disk_space, "free_bytes",
                       lambda path: max(0, size - disk_space.folder_bytes(str(workdir))))
 
@@ -421,7 +425,7 @@ def _fail_writes_under(monkeypatch, fragment):
 
 
 def _sizes(workdir):
-  from grain_jax import disk_space
+  from grain_jax.util import disk_space
   return {n: disk_space.folder_bytes(os.path.join(workdir, "checkpoints", n))
           for n in os.listdir(os.path.join(workdir, "checkpoints"))}
 
@@ -432,7 +436,8 @@ def test_a_checkpoint_that_would_not_fit_makes_room_or_stops_before_writing(
   filesystem with room for two checkpoints, keep_checkpoints=2 removes the oldest before
   writing the next (it would go anyway) and the run ends; with keep_checkpoints=3 nothing
   may be removed, so the run stops before writing, in one line, its checkpoints intact."""
-  from grain_jax import checkpoints, disk_space
+  from grain_jax.train import checkpoints
+  from grain_jax.util import disk_space
   work = tmp_path / "w"
   rc, err = _train_cli(capsys, work, f"--config.data.train={pictures}", "--config.max_steps=2")
   assert rc == 0, err
@@ -469,9 +474,9 @@ def test_a_write_that_fails_for_lack_of_space_stops_in_one_line_and_resumes(
   good one, none of Orbax's or asyncio's tracebacks, the partial checkpoint removed; after
   space is freed the same command resumes from the last good checkpoint to the end. The
   weights export fails the same way, keeping the weights that were there."""
-  from grain_jax import weights
-  from grain_jax.model import placeholder_values
-  from grain_jax import networks
+  from grain_jax.formats import weights
+  from grain_jax.nets.model import placeholder_values
+  from grain_jax.nets import registry
   work = tmp_path / "w"
   args = [f"--config.data.train={pictures}", "--config.max_steps=6"]
   _fail_writes_under(monkeypatch, os.path.join(str(work), "checkpoints", "4"))
@@ -494,7 +499,7 @@ def test_a_write_that_fails_for_lack_of_space_stops_in_one_line_and_resumes(
   assert [r["step"] for r in _log(work)] == [1, 2, 3, 4, 5, 6]
 
   cfg = tiny_training().model
-  tree = {"rescaler": placeholder_values(networks.expected_variables("rescaler", cfg))}
+  tree = {"rescaler": placeholder_values(registry.expected_variables("rescaler", cfg))}
   _fail_writes_under(monkeypatch, ".grain_weights")
   with pytest.raises(OSError, match=r"no space left to write the weights to \S+/weights: they "
                                     r"need about [\d.]+ MB, [\d.,]+ MB is free; the weights "

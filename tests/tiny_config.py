@@ -4,7 +4,7 @@ Also a config file for the train command: `--config tests/tiny_config.py` (stage
 """
 import ml_collections
 
-from grain_jax.configs.training import training_config
+from grain_jax.train.config import pipeline_config, training_config
 
 
 def tiny_model():
@@ -53,7 +53,6 @@ def tiny_training(stage="invrrdb", **overrides):
 
 def tiny_pipeline(**overrides):
   """The four stages at the tiny size, 2 steps each (learning rate and D interval shared)."""
-  from grain_jax.pipeline import pipeline_config
   c = pipeline_config(model=tiny_model())
   c.pipeline.steps = {s: 2 for s in c.pipeline.stages}
   return _tiny_run(c, overrides)

@@ -1,22 +1,22 @@
-"""The CPU demo: all four GRAIN stages at 64 px -> 4 px (16x per side) in a few minutes.
+"""demo, the quick start: all four GRAIN stages at 64 px -> 4 px (16x per side) in a few
+minutes on a CPU (what it runs: grain_jax/train/quickstart.py).
 
     grain-jax train --config demo --workdir demo_run
 
 Data: natural images bundled with scikit-image; random crops of some make the training
 set, fixed crops of others the held-out set. The StyleGAN2 prior is freshly initialised
 (small, untrained) unless --config.init.weights names a converted 64 px checkpoint. Ends by
-evaluating on the held-out crops: WORKDIR/metrics.json (grain_jax.evaluate's keys) and
+evaluating on the held-out crops: WORKDIR/metrics.json (grain-jax evaluate's keys) and
 WORKDIR/comparison.png.
 """
-from grain_jax import losses
-from grain_jax.configs.model import grain_small
-from grain_jax.pipeline import pipeline_config
+from grain_jax.nets.model_config import grain_small
+from grain_jax.train.config import pipeline_config
 
 
 def get_config():
   c = pipeline_config(model=grain_small())
   # What `grain-jax train` (or `pipeline`) does with this config besides the stages: the data
-  # it makes from scikit-image's pictures, and the final evaluation (demo_training.py).
+  # it makes from scikit-image's pictures, and the final evaluation (train/quickstart.py).
   c.demo = dict(
       train_images=("astronaut", "coffee", "rocket", "hubble_deep_field",
                     "immunohistochemistry", "retina", "colorwheel", "brick", "grass", "gravel",
@@ -44,7 +44,7 @@ def get_config():
   # the adversarial terms are off: an untrained prior and a few minutes of training give them
   # nothing to work with, each costs compilation time, and the GAN terms lower PSNR. (The
   # tests train with them.) Evaluation still reports LPIPS.
-  c.loss.update({k: 0.0 for k in losses.LOSSES if k not in ("l2", "lr_l2")})
+  c.loss.update({k: 0.0 for k in c.loss if k not in ("l2", "lr_l2")})
   c.init.random_init = ("rescaler", "fea2code", "fusion", "generator", "discriminator",
                         "patch_discriminator")
   c.init.random_all = True  # one initialisation (one compilation) for all four networks

@@ -110,9 +110,8 @@ def build_parser(prog: str = "grain-jax") -> argparse.ArgumentParser:
   """The parser of `prog` with every subcommand."""
   parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_Formatter)
   sub = parser.add_subparsers(metavar="COMMAND", required=True)
-  for name in COMMANDS:
-    c = COMMANDS[name]
-    _build(sub.add_parser(name, help=c.help, description=c.description,
+  for c in COMMANDS.values():
+    _build(sub.add_parser(c.name, help=c.help, description=c.description,
                           formatter_class=_Formatter), c)
   return parser
 

@@ -85,9 +85,17 @@ def rescale(direction: str, loaded, inputs: list[str], out_dir: str, batch_size:
             save: tuple[str, ...] = ("hr",), workers: int = 4, progress: bool = True) -> int:
   """Runs `down` or `up` with a LoadedModel over files and folders; returns the number of
   failed inputs."""
+  planned = plan(direction, inputs, os.path.abspath(out_dir), save)
+  return _rescale_planned(direction, loaded, planned, out_dir, batch_size, save, workers,
+                          progress)
+
+
+def _rescale_planned(direction: str, loaded, planned, out_dir: str, batch_size: int,
+                     save: tuple[str, ...], workers: int, progress: bool) -> int:
+  """`rescale` of the files `plan` found."""
   loaded.require("downscale" if direction == "down" else "upscale")
   hr, lr = loaded.hr_size, loaded.lr_size
-  files, names, missing = plan(direction, inputs, os.path.abspath(out_dir), save)
+  files, names, missing = planned
   out_dir = check_writable(out_dir)
   bar = progress_bar(len(files), f"rescale {direction}", "img", progress)
   report = prefetch.Report(lambda s: tqdm.write(s, file=sys.stderr))
@@ -138,7 +146,6 @@ def rescale(direction: str, loaded, inputs: list[str], out_dir: str, batch_size:
   return len(report.failed)
 
 
-
 def run(direction: str, checkpoint: str, inputs: list[str], out_dir: str, batch_size: int = 1,
         save: tuple[str, ...] = ("hr",), workers: int = 4, compute_dtype: str = "float32",
         progress: bool = True) -> int:
@@ -152,6 +159,7 @@ def run(direction: str, checkpoint: str, inputs: list[str], out_dir: str, batch_
   if batch_size < 1:
     raise ValueError("--batch_size must be >= 1")
   check_can_create(out_dir)
-  plan(direction, inputs, out_dir, save)
+  planned = plan(direction, inputs, os.path.abspath(out_dir), save)  # inputs walked once
   loaded = inference.load(checkpoint, compute_dtype)
-  return rescale(direction, loaded, inputs, out_dir, batch_size, save, workers, progress)
+  return _rescale_planned(direction, loaded, planned, out_dir, batch_size, save, workers,
+                          progress)

@@ -69,27 +69,34 @@ def _targets(node) -> list:
           for a in node.names]
 
 
-def imports() -> dict:
-  """{module: [(imported module, line, inside a function)]}."""
-  out = {}
-  for module, path in MODULES.items():
-    with open(path) as f:
-      tree = ast.parse(f.read())
-    in_function = {id(n) for fn in ast.walk(tree)
-                   if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-                   for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
-    out[module] = [(t, node.lineno, id(node) in in_function) for node in ast.walk(tree)
-                   if isinstance(node, (ast.Import, ast.ImportFrom)) for t in _targets(node)]
-  return out
+def _read(path: str) -> tuple[list, ast.Module]:
+  with open(path) as f:
+    source = f.read()
+  return source.splitlines(), ast.parse(source)
 
 
-IMPORTS = imports()
+SOURCES = {m: _read(path) for m, path in MODULES.items()}  # {module: (lines, tree)}
+
+
+def statements(tree: ast.Module) -> list:
+  """[(import statement, whether it is inside a function)] of a module."""
+  in_function = {id(n) for fn in ast.walk(tree)
+                 if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+  return [(n, id(n) in in_function) for n in ast.walk(tree)
+          if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+STATEMENTS = {m: statements(tree) for m, (_, tree) in SOURCES.items()}
+# {module: [(imported grain_jax module, line)]}
+IMPORTS = {m: [(t, node.lineno) for node, _ in found for t in _targets(node)]
+           for m, found in STATEMENTS.items()}
 
 
 def test_every_module_is_in_a_layer_and_every_import_goes_down():
   wrong = []
   for module, found in IMPORTS.items():
-    for target, line, _ in found:
+    for target, line in found:
       assert target in MODULES, f"{module}:{line} imports {target}, which is not a module"
       if RANK[layer(target)] > RANK[layer(module)]:
         wrong.append(f"{MODULES[module]}:{line}: {layer(module)} imports {layer(target)} "
@@ -98,7 +105,7 @@ def test_every_module_is_in_a_layer_and_every_import_goes_down():
 
 
 def test_no_import_cycle():
-  graph = {m: sorted({t for t, _, _ in found}) for m, found in IMPORTS.items()}
+  graph = {m: sorted({t for t, _ in found}) for m, found in IMPORTS.items()}
   state, path = {}, []
 
   def visit(m):
@@ -119,34 +126,26 @@ def test_no_import_cycle():
 
 def test_only_the_module_entry_point_imports_the_command_line():
   users = {m for m, found in IMPORTS.items() if layer(m) != "cli"
-           for t, _, _ in found if layer(t) == "cli"}
+           for t, _ in found if layer(t) == "cli"}
   assert users == {"grain_jax.__main__"}
 
 
 def test_imports_inside_functions_only_defer_a_heavy_optional_dependency():
   found = []
-  for module, path in MODULES.items():
-    with open(path) as f:
-      source = f.read()
-    lines = source.splitlines()
-    for fn in ast.walk(ast.parse(source)):
-      if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        continue
-      for node in ast.walk(fn):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-          name = (node.names[0].name if isinstance(node, ast.Import) else node.module or "")
-          top = name.split(".")[0]
-          if top not in DEFERRED or "# deferred:" not in lines[node.lineno - 1]:
-            found.append(f"{path}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+  for module, statements_ in STATEMENTS.items():
+    lines = SOURCES[module][0]
+    for node, in_function in statements_:
+      name = node.names[0].name if isinstance(node, ast.Import) else node.module or ""
+      line = lines[node.lineno - 1]
+      if in_function and (name.split(".")[0] not in DEFERRED or "# deferred:" not in line):
+        found.append(f"{MODULES[module]}:{node.lineno}: {line.strip()}")
   assert not found, ("imports inside functions that defer no heavy optional dependency (or "
                      "say not why):\n" + "\n".join(found))
 
 
 def test_python_dash_m_grain_jax_is_the_one_module_entry_point():
   mains = []
-  for module, path in MODULES.items():
-    with open(path) as f:
-      tree = ast.parse(f.read())
+  for module, (_, tree) in SOURCES.items():
     mains += [module for node in tree.body if isinstance(node, ast.If)
               and "__name__" in ast.unparse(node.test)]
   assert mains == ["grain_jax.__main__"]
@@ -158,7 +157,7 @@ def floors(room=lambda m: m) -> dict:
   Rooms that import each other fail the assertion that names them."""
   graph = collections.defaultdict(set)
   for m, found in IMPORTS.items():
-    graph[room(m)] |= {room(t) for t, _, _ in found if room(t) != room(m)}
+    graph[room(m)] |= {room(t) for t, _ in found if room(t) != room(m)}
   floor, open_ = {}, set()
 
   def of(r):

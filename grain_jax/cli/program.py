@@ -88,7 +88,7 @@ def _add_multihost(p: argparse.ArgumentParser) -> None:
                  help="a process silent this long is taken as dead and the job ends")
 
 
-def join_job(args) -> None:
+def _join_job(args) -> None:
   """Joins the multi-process job the --multihost options describe (if any)."""
   explicit = (args.coordinator_address, args.num_processes, args.process_id)
   if args.multihost or any(v is not None for v in explicit):
@@ -126,7 +126,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], subcommands: bool) ->
   enable_compilation_cache()
   try:
     if c.multihost:
-      join_job(args)
+      _join_job(args)
     return c.run(args, extra)
   except stopping.Interrupted as e:
     print(f"{prog}: {e}", file=sys.stderr)

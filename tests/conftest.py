@@ -7,6 +7,12 @@ import sys
 import numpy as np
 import pytest
 
+from grain_jax.util import tpu
+
+# With libtpu installed (the tpu extra) and no TPU here, JAX's TPU backend would print
+# warnings in every test process as it fails to start; the processes the tests start inherit.
+tpu.quiet_libtpu_off_tpu()
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from typing import Callable
 
 from grain_jax import rescale
@@ -18,8 +19,9 @@ from grain_jax.data import face_align
 from grain_jax.eval import evaluate, fid, round_trip
 from grain_jax.formats import convert
 from grain_jax.nets import inception, layers, registry
-from grain_jax.train import bench, launch, pipeline, stages
+from grain_jax.train import aot, bench, launch, pipeline, stages
 from grain_jax.train.losses import LOSSES
+from grain_jax.util import tpu
 
 EXIT_FAILED_INPUTS = 1  # some inputs were skipped (named on stderr), the others processed
 EXIT_ERROR = 2
@@ -42,9 +44,10 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
                       "(grain-jax train; its latest weights)")
 
 
-def _add_compute_dtype(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="bfloat16: mixed precision (float32 weights; faster on GPU/TPU)")
+def _add_compute_dtype(p: argparse.ArgumentParser, default: str = "float32",
+                       more: str = "") -> None:
+  p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default=default,
+                 help="bfloat16: mixed precision (float32 weights; faster on GPU/TPU)" + more)
 
 
 def _add_config(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -257,11 +260,13 @@ def _bench_arguments(p):
                  help="the model to time: 1024 (the published GRAIN), small (the demo's "
                       "64 <-> 4 model), another built-in name or a config file")
   p.add_argument("--batch_sizes", default="1",
-                 help="comma-separated batch sizes for downscale/upscale ('' skips them)")
+                 help="comma-separated batch sizes for downscale/upscale ('' skips them; per "
+                      "chip with --topology)")
   p.add_argument("--stages", default=",".join(stages.NAMES),
                  help="training stages to time ('' skips training)")
-  p.add_argument("--train_batch", type=int, default=1, help="global batch of the training step")
-  _add_compute_dtype(p)
+  p.add_argument("--train_batch", type=int, default=1,
+                 help="global batch of the training step (per chip with --topology)")
+  _add_compute_dtype(p, default=None, more=" (default: float32; bfloat16 with --topology)")
   p.add_argument("--remat", action="store_true", help="rematerialise the heavy blocks")
   p.add_argument("--losses", default="",
                  help=f"loss terms of the timed training steps, from "
@@ -287,6 +292,26 @@ def _bench_arguments(p):
   p.add_argument("--data", default="", help="image folder or tfds:NAME/SPLIT for --checkpoint")
   p.add_argument("--max_images", type=int, default=16, help="images for --checkpoint")
   p.add_argument("--json", action="store_true", help="print one JSON object, no table")
+  t = p.add_argument_group(
+      "a Cloud TPU slice, compiled ahead of time on this host (needs libtpu: pip install "
+      "'grain-jax[tpu]'; no TPU needed)")
+  t.add_argument("--topology", default="", metavar="NAME",
+                 help=f"e.g. v5e:2x2, v5e:4x4, v6e:2x2, v4:2x2x1, v5p:2x2x1 (generations "
+                      f"{', '.join(tpu.CHIPS)}): compile each program for that slice, "
+                      f"data-parallel over its chips, and report its HBM plan per chip, "
+                      f"whether it fits, TFLOP per chip, the time at the chip's bf16 peak and "
+                      f"the compile time; nothing runs")
+  t.add_argument("--max_batch", action="store_true",
+                 help="with --topology: double each program's per-chip batch, from the "
+                      "smallest given, until it no longer fits")
+  t.add_argument("--memory_limit_gb", type=float, default=None,
+                 help="with --topology: stop a compile whose host memory passes this (default "
+                      "90%% of the memory available) and report how far it got")
+  t.add_argument("--compile_timeout", type=float, default=None, metavar="SECONDS",
+                 help="with --topology: stop a compile that takes longer")
+  t.add_argument("--out", default="",
+                 help="with --topology: also write the JSON to this file, after every "
+                      "program (a long run keeps what it measured)")
 
 
 def _comma_list(value: str, what: str, choices=None, cast=str) -> list:
@@ -301,20 +326,36 @@ def _comma_list(value: str, what: str, choices=None, cast=str) -> list:
 
 
 def _bench_run(args, extra) -> int:
-  options = bench.Options(
-      config=args.config, model=config_flags.load(args.config).model,
-      batch_sizes=tuple(_comma_list(args.batch_sizes, "--batch_sizes", cast=int)),
-      stages=tuple(_comma_list(args.stages, "--stages", stages.NAMES)),
-      train_batch=args.train_batch, compute_dtype=args.compute_dtype, remat=args.remat,
-      repeats=args.repeats, d_update=args.d_update, guard_cost=args.guard_cost,
-      losses=tuple(_comma_list(args.losses, "--losses", LOSSES)) or None,
-      conv_weight_grad=args.conv_weight_grad, compile_only=args.compile_only,
-      checkpoint=args.checkpoint, data=args.data, max_images=args.max_images)
+  on_host = ("d_update", "guard_cost", "conv_weight_grad", "compile_only", "checkpoint")
+  for flag in on_host if args.topology else ("max_batch", "memory_limit_gb",
+                                             "compile_timeout", "out"):
+    if getattr(args, flag) not in (None, False, ""):
+      raise ValueError(f"--{flag} {'does not go' if args.topology else 'goes'} with "
+                       f"--topology")
   log = (lambda *_: None) if args.json else (lambda s: print(s, flush=True))
-  result = bench.run(options, log)
+  common = dict(config=args.config, model=config_flags.load(args.config).model,
+                batch_sizes=tuple(_comma_list(args.batch_sizes, "--batch_sizes", cast=int)),
+                stages=tuple(_comma_list(args.stages, "--stages", stages.NAMES)),
+                train_batch=args.train_batch, remat=args.remat,
+                losses=tuple(_comma_list(args.losses, "--losses", LOSSES)) or None)
+  if args.topology:
+    result = aot.run(aot.Options(
+        topology=args.topology, compute_dtype=args.compute_dtype or "bfloat16",
+        max_batch=args.max_batch, memory_limit_gb=args.memory_limit_gb,
+        timeout_s=args.compile_timeout, out=os.path.abspath(args.out) if args.out else "",
+        **common), log)
+    failed = any(c["status"] not in ("fits", "does not fit") for c in result["cases"])
+  else:
+    result = bench.run(bench.Options(
+        compute_dtype=args.compute_dtype or "float32", repeats=args.repeats,
+        d_update=args.d_update, guard_cost=args.guard_cost,
+        conv_weight_grad=args.conv_weight_grad, compile_only=args.compile_only,
+        checkpoint=args.checkpoint, data=args.data, max_images=args.max_images, **common),
+        log)
+    failed = any("error" in c for c in result["cases"])
   if args.json:
     print(json.dumps(result, indent=1))
-  return EXIT_FAILED_INPUTS if any("error" in c for c in result["cases"]) else 0
+  return EXIT_FAILED_INPUTS if failed else 0
 
 
 # --- demo
@@ -347,8 +388,8 @@ COMMANDS = {c.name: c for c in (
     Command("pipeline", "train the stages in sequence (grain1024: the paper's four)",
             pipeline.__doc__, _train_arguments, _train_run, config_overrides=True,
             multihost=True),
-    Command("bench", "speed and memory on this machine", bench.__doc__, _bench_arguments,
-            _bench_run),
+    Command("bench", "speed and memory on this machine, or of a TPU slice (--topology)",
+            bench.__doc__, _bench_arguments, _bench_run),
     Command("demo", "a one-minute rescaling round trip with random weights", round_trip.__doc__,
             _demo_arguments, _demo_run),
 )}

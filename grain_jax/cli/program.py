@@ -25,7 +25,7 @@ from absl import logging as absl_logging
 
 from grain_jax.cli.commands import COMMANDS, EXIT_ERROR, Command
 from grain_jax.train import stopping
-from grain_jax.util import distributed
+from grain_jax.util import distributed, tpu
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -123,6 +123,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], subcommands: bool) ->
   if extra and not c.config_overrides:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   quiet_logging(args.verbose)
+  tpu.quiet_libtpu_off_tpu()  # before JAX starts its backends
   enable_compilation_cache()
   try:
     if c.multihost:

@@ -20,6 +20,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -72,6 +73,17 @@ def conv_weight_grad_impl(mode: str, x_shape: Sequence[int] | None = None,
   n, h, w, cin = x_shape
   big = n * h * w * max(cin, kernel_shape[-1]) >= AUTO_MATMUL_MIN_ELEMENTS
   return "matmul" if big else "xla"
+
+
+def for_platform(model_cfg, platform: str):
+  """`model_cfg` for programs compiled for `platform` ('cpu', 'gpu', 'tpu'): off a CPU an
+  'auto' conv_weight_grad is 'xla' (a copy that says so), whatever the host's own backend,
+  so that a TPU program compiled on a CPU host gets the TPU's form. Else `model_cfg`."""
+  if platform == "cpu" or conv_weight_grad_of(model_cfg) != "auto":
+    return model_cfg
+  resolved = ml_collections.ConfigDict(model_cfg.to_dict())
+  resolved.conv_weight_grad = "xla"
+  return resolved
 
 
 def conv_weight_grad_of(cfg) -> str:

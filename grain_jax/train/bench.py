@@ -22,6 +22,10 @@ weights of the config's shapes (the cost does not depend on the values):
   * with --checkpoint and --data: hr PSNR of those weights on those images in float32 and
     in bfloat16 (the numerical effect of mixed precision).
 `--json` prints one JSON object instead of the table.
+
+`--topology v5e:2x2` instead compiles every program for a Cloud TPU slice on this host
+(train/aot.py): per-chip HBM plan, fit, FLOPs, time at peak, compile time; `--max_batch`
+finds the largest per-chip batch that fits.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grain_jax.nets import registry
+from grain_jax.nets import layers, registry
 from grain_jax.nets.model import GRAIN
 from grain_jax.nets.quantizer import quantize_with_noise
 from grain_jax.train import losses, optim, stages
@@ -290,7 +290,11 @@ class Step:
         "d": program(discriminator_step, (rep, data), (rep, rep, rep), (0,)),
         "r1": program(r1_step, (rep, data, rep, rep), (rep, rep), (0,)),
         "g": program(generator_step, (rep, data, rep, rep), (rep, rep), (0,))}
-    self._no_d = jax.device_put(no_discriminator_update(), NamedSharding(mesh, rep))
+    # The discriminator metrics of a step without a D update, placed on the mesh at the first
+    # call: building (and lowering) the programs puts nothing on a device, so they can be
+    # compiled ahead of time for devices this host does not have (train/aot.py).
+    self._no_d_sharding = NamedSharding(mesh, rep)
+    self._no_d = None
     self._last = (None, 0)  # (the step array last returned, its value)
 
   def due(self, step: int) -> tuple[str, ...]:
@@ -309,6 +313,8 @@ class Step:
   def __call__(self, state: TrainState, batch, loss_vars):
     n = self.step_number(state)
     due = self.due(n)
+    if self._no_d is None:
+      self._no_d = jax.device_put(no_discriminator_update(), self._no_d_sharding)
     d_metrics = self._no_d
     if "d" in due:
       state, d_metrics, grads = self.programs["d"](state, batch)
@@ -318,16 +324,24 @@ class Step:
     self._last = (state.step, n + 1)
     return state, metrics
 
-  def lower(self, state: TrainState, batch, loss_vars) -> list:
-    """The jax.stages.Lowered programs of the step `state` is at (for costs and AOT)."""
-    due = self.due(self.step_number(state))
-    out, d_metrics = [], self._no_d
+  def lower(self, state: TrainState, batch, loss_vars, only: tuple[str, ...] | None = None,
+            step: int | None = None) -> list:
+    """The jax.stages.Lowered programs of the step `state` is at (or of step number `step`),
+    or those of them named in `only`. The arguments may be jax.ShapeDtypeStructs with
+    shardings on the mesh: an ahead-of-time compile for devices this host does not have
+    (train/aot.py)."""
+    due = self.due(self.step_number(state) if step is None else step)
+    replicated = lambda tree: jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._no_d_sharding), tree)
+    out, d_metrics = [], replicated(jax.eval_shape(no_discriminator_update))
     if "d" in due:
-      out.append(self.programs["d"].lower(state, batch))
-      _, d_metrics, grads = jax.eval_shape(self.programs["d"], state, batch)
-      if "r1" in due:
+      if only is None or "d" in only:
+        out.append(self.programs["d"].lower(state, batch))
+      _, d_metrics, grads = replicated(jax.eval_shape(self.programs["d"], state, batch))
+      if "r1" in due and (only is None or "r1" in only):
         out.append(self.programs["r1"].lower(state, batch, grads, d_metrics))
-    out.append(self.programs["g"].lower(state, batch, loss_vars, d_metrics))
+    if only is None or "g" in only:
+      out.append(self.programs["g"].lower(state, batch, loss_vars, d_metrics))
     return out
 
   def compile(self, state: TrainState, batch, loss_vars) -> tuple[list, list]:
@@ -356,6 +370,8 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
 
   variables: the GRAIN model's ({'params': {network: ...}, 'buffers': ...}); d_variables:
   the stage's discriminator's; loss_vars: {'lpips'|'irse50': variables} of the loss networks.
+  Given as jax.ShapeDtypeStructs, the state is too (with its sharding on the mesh): for
+  compiling the step ahead of time for devices this host does not have (train/aot.py).
   skip_nonfinite=False leaves out the divergence guard (only to measure what it costs).
   """
   stage = stages.get(cfg.stage)
@@ -363,15 +379,23 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
   schedule = optim.learning_rate_schedule
   make_tx = lambda n: optim.make_optimizer(cfg.optimizer, schedule(cfg, cfg.learning_rate, n))
   make_d_tx = lambda n: optim.make_optimizer(cfg.optimizer, schedule(cfg, d_lr, n))
-  disc = registry.build(stage.discriminator, cfg.model)
+  # 'auto' convolution weight gradients as the mesh's devices want them, not the host's.
+  model_cfg = layers.for_platform(cfg.model, mesh.devices.flat[0].platform)
+  disc = registry.build(stage.discriminator, model_cfg)
   if stage.discriminator == "patch_discriminator":
     disc = disc.clone(axis_name=AXIS)  # synchronised BatchNorm over the devices
-  model = GRAIN.from_config(cfg.model, stage.runs)
+  model = GRAIN.from_config(model_cfg, stage.runs)
   setup = StepSetup(model, disc, make_tx, make_d_tx, stage,
                     {k: float(cfg.loss[k]) for k in losses.LOSSES if k in cfg.loss},
                     frozenset(loss_vars), int(cfg.d_every), int(cfg.r1_every),
                     float(cfg.r1_gamma), skip_nonfinite=skip_nonfinite)
-  state = create_train_state(cfg, variables, d_variables, make_tx(cfg.max_steps),
-                             make_d_tx(cfg.max_steps))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  make_state = lambda v, d: create_train_state(cfg, v, d, make_tx(cfg.max_steps),
+                                               make_d_tx(cfg.max_steps))
+  replicated = NamedSharding(mesh, P())
+  if all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(variables)):
+    state = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        jax.eval_shape(make_state, variables, d_variables))
+  else:
+    state = jax.device_put(make_state(variables, d_variables), replicated)
   return Training(state, Step(setup, mesh), model)

@@ -92,6 +92,14 @@ def test_the_largest_batch_is_searched_by_doubling_until_the_compiler_refuses(mo
   assert compiled == [("g", 2), ("d", 2), ("g", 4), ("d", 4), ("g", 8), ("d", 8), ("g", 16)]
 
 
+def test_the_search_halves_from_a_start_that_does_not_fit():
+  fits_up_to = lambda n: lambda b: "fits" if b <= n else "does not fit"
+  assert aot.largest_batch(fits_up_to(5), 16, 256) == 4
+  assert aot.largest_batch(fits_up_to(0), 4, 256) == 0
+  assert aot.largest_batch(fits_up_to(1000), 3, 100) == 96
+  assert aot.largest_batch(lambda b: "fits" if b < 8 else "host memory", 2, 256) is None
+
+
 def test_out_of_hbm_messages_and_bad_topologies():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (34.38G) exceeds available HBM (15.75G).")

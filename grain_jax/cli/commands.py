@@ -302,8 +302,8 @@ def _bench_arguments(p):
                       f"whether it fits, TFLOP per chip, the time at the chip's bf16 peak and "
                       f"the compile time; nothing runs")
   t.add_argument("--max_batch", action="store_true",
-                 help="with --topology: double each program's per-chip batch, from the "
-                      "smallest given, until it no longer fits")
+                 help="with --topology: find each program's largest per-chip batch that fits, "
+                      "doubling from the smallest given (halving if that does not fit)")
   t.add_argument("--memory_limit_gb", type=float, default=None,
                  help="with --topology: stop a compile whose host memory passes this (default "
                       "90%% of the memory available) and report how far it got")

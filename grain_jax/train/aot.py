@@ -15,8 +15,8 @@ child process of its own (util/isolated.py), which gives:
   * the compile seconds and the compiler's peak host memory (a compile that passes
     `memory_limit_gb` or `timeout_s` is stopped and reported as such).
 With `max_batch` each program group (downscale, upscale, a stage's d + r1 + g) is compiled at
-doubling per-chip batches until one does not fit: the largest power-of-two multiple of the
-starting batch that fits.
+doubling per-chip batches until one does not fit (halving if the first does not): the
+largest batch of the form start * 2^k that fits.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ class Options:
   compute_dtype: str = "bfloat16"
   remat: bool = False
   losses: tuple | None = None     # loss terms of the training steps (None: each stage's own)
-  max_batch: bool = False         # double each group's batch from the smallest until it fails
+  max_batch: bool = False         # search each group's largest batch from the smallest given
   max_batch_limit: int = 256      # ... or reaches this
   memory_limit_gb: float | None = None  # stop a compiler process at this resident memory
   timeout_s: float | None = None  # ... or after this long
@@ -216,6 +216,26 @@ def _case(o: Options, topo: tpu.Topology, group: str, stage, program: str, batch
   tflop = r["flops_per_chip"] / 1e12
   return dict(case, status="fits", hbm_gib=r["hbm_gib"], chip_hbm_gib=topo.chip.hbm_gib,
               tflop_per_chip=tflop, seconds_at_peak=tflop / topo.chip.bf16_tflops)
+
+
+def largest_batch(status_at, start: int, limit: int) -> int | None:
+  """The largest batch of the form start * 2^k (k may be negative, down to 1) at which
+  status_at(batch) is 'fits', doubling from `start` while it fits (up to `limit`) or halving
+  while it does not; 0 if not even 1 fits, None if a compile fails otherwise."""
+  b, best = start, 0
+  while True:
+    status = status_at(b)
+    if status == "fits":
+      best = b
+      if b < start or 2 * b > limit:  # came down to it, or at the limit
+        return best
+      b *= 2
+    elif status == "does not fit":
+      if best or b == 1:
+        return best
+      b //= 2
+    else:
+      return None
 
 
 def row(c: dict) -> str:
@@ -283,31 +303,25 @@ def run(options: Options, log=print) -> dict:
         json.dump(result, f, indent=1)
     return case
 
+  def compile_group(group, stage, programs, batch) -> str:
+    """'fits' (every program), 'does not fit' (one was refused for HBM) or the status of a
+    compile that failed otherwise. After a refusal the group's other programs are skipped."""
+    for program in programs:
+      status = compile_one(group, stage, program, batch)["status"]
+      if status != "fits":
+        return status
+    return "fits"
+
   for group, stage, programs, batches in _groups(o):
-    batches = batches[:1] if o.max_batch else batches
-    best, b = 0, batches[0]
-    while True:
-      cases = []
-      for program in programs:
-        cases.append(compile_one(group, stage, program, b))
-        if cases[-1]["status"] != "fits":
-          break
-      fits = all(c["status"] == "fits" for c in cases)
-      best = b if fits else best
-      if o.max_batch:
-        if not fits or 2 * b > o.max_batch_limit:
-          # None: a compile that failed otherwise than on HBM leaves the answer open.
-          known = fits or cases[-1]["status"] == "does not fit"
-          result["max_batch"][group] = best if known else None
-          log(f"  {group}: largest per-chip batch that fits "
-              f"{best if known else 'unknown'}{' (limit reached)' if fits else ''}")
-          break
-        b *= 2
-      else:
-        batches = batches[1:]
-        if not batches:
-          break
-        b = batches[0]
+    if not o.max_batch:
+      for b in batches:
+        compile_group(group, stage, programs, b)
+      continue
+    best = largest_batch(lambda b: compile_group(group, stage, programs, b), batches[0],
+                         o.max_batch_limit)
+    result["max_batch"][group] = best
+    log(f"  {group}: largest per-chip batch that fits: "
+        f"{'unknown (a compile failed)' if best is None else best}")
   if o.out:
     with open(o.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.futures import synchronization as orbax_sync
 
 from grain_jax.data.input_pipeline import TrainData
 from grain_jax.formats.weights import RUN_OPTIONS, restore_error, save_weights
@@ -210,6 +211,7 @@ class Checkpoints:
     self.wait()
     self._make_room(step, state)
     what = f"checkpoint step {step} in {self.directory}"
+    _align_orbax_operation_ids()
     try:
       args = ocp.args
       self.mgr.save(step, args=args.Composite(
@@ -308,6 +310,29 @@ class Checkpoints:
         if not self.disk_full_reported:
           raise self._disk_full(f"checkpoint step {self.last_saved} in {self.directory}",
                                 e) from e
+
+
+def _align_orbax_operation_ids() -> None:
+  """Brings every process to the same Orbax operation id before a checkpoint they save
+  together.
+
+  Orbax numbers each save with a per-process counter (OperationIdGenerator, in a private
+  module: no public one has it), and a process other than the first writes its files once
+  process 0 has signalled, under that number, that it created the checkpoint's temporary
+  folders. Process 0 alone also saves with Orbax (the weights/ and best/ exports, with a
+  checkpointer of its own: formats/weights.py), which advances its counter only. From a
+  job's second checkpoint on, process 1 looked for the signal under a number whose save was
+  long over, did not wait, and wrote its data position into a folder not yet created:
+  FileNotFoundError, process 1 left, and process 0 waited in the checkpoint's barrier until
+  process 1 missed its heartbeats. So each save starts from the largest counter of all
+  processes (Orbax's own multi-process test runner aligns it the same way)."""
+  if not distributed.multiprocess():
+    return
+  ids = orbax_sync.OperationIdGenerator
+  target = int(np.max(multihost_utils.process_allgather(
+      np.int32(ids.get_current_operation_id()))))
+  while int(ids.get_current_operation_id()) < target:
+    ids.next_operation_id()
 
 
 def export_weights(path: str, cfg, state: TrainState, loss_vars: dict,

@@ -55,7 +55,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
     ci = f.read()
   assert "pip install -q -r requirements.txt" in ci and "python -m pytest -q" in ci
   with open(os.path.join(ROOT, "requirements.txt")) as f:
-    assert "-e .[torch,test,align]" in f.read()  # installs the grain-jax command the quick start runs
+    assert "-e .[torch,test,align,tpu]" in f.read()  # installs the grain-jax command the quick start runs
 
 
 def test_every_readme_command_parses():

@@ -37,7 +37,7 @@ from grain_jax.nets.model import GRAIN
 from grain_jax.nets.model_config import grain_1024
 from grain_jax.train import stages
 from grain_jax.train.config import training_config
-from grain_jax.train.losses import LOSSES, loss_networks
+from grain_jax.train.losses import loss_networks
 from grain_jax.train.step import create_training
 from grain_jax.util import isolated, tpu
 

@@ -92,6 +92,21 @@ def test_the_largest_batch_is_searched_by_doubling_until_the_compiler_refuses(mo
   assert compiled == [("g", 2), ("d", 2), ("g", 4), ("d", 4), ("g", 8), ("d", 8), ("g", 16)]
 
 
+def test_a_compile_stopped_at_the_host_memory_limit_is_reported_and_ends_the_search(
+    monkeypatch, tmp_path):
+  """Without a time limit (the default), as a real 1024 run on a small host meets it."""
+  monkeypatch.setattr(aot.isolated, "run", lambda *a, **k: isolated.Outcome(
+      "memory", None, 300.0, 11.6, "MemoryError"))
+  out = tmp_path / "r.json"
+  result = aot.run(aot.Options(topology="v5e:2x2", model=tiny_model(), batch_sizes=(),
+                               stages=("fusion",), train_batch=4, max_batch=True,
+                               memory_limit_gb=11.5, out=str(out)), log=lambda _: None)
+  (case,) = result["cases"]
+  assert case["status"] == "host memory" and "limit (11.5 GB)" in case["error"]
+  assert case["host_peak_gb"] == 11.6 and result["max_batch"] == {"train_fusion": None}
+  assert json.loads(out.read_text())["cases"] == result["cases"]
+
+
 def test_the_search_halves_from_a_start_that_does_not_fit():
   fits_up_to = lambda n: lambda b: "fits" if b <= n else "does not fit"
   assert aot.largest_batch(fits_up_to(5), 16, 256) == 4

@@ -202,10 +202,14 @@ def _case(o: Options, topo: tpu.Topology, group: str, stage, program: str, batch
               host_peak_gb=outcome.peak_rss_gb)
   if outcome.status != "ok":
     last = outcome.error.splitlines()[-1] if outcome.error else ""
-    what = {"memory": f"stopped at the host-memory limit ({o.memory_limit_gb:.1f} GB)",
-            "timeout": f"stopped at the time limit ({o.timeout_s:.0f} s)",
-            "killed": f"the compiler process was killed ({last or 'out of host memory?'})",
-            "error": f"failed: {last}"}[outcome.status]
+    if outcome.status == "memory":
+      what = f"stopped at the host-memory limit ({o.memory_limit_gb:.1f} GB)"
+    elif outcome.status == "timeout":
+      what = f"stopped at the time limit ({o.timeout_s:.0f} s)"
+    elif outcome.status == "killed":
+      what = f"the compiler process was killed ({last or 'out of host memory?'})"
+    else:
+      what = f"failed: {last}"
     status = "host memory" if outcome.status in ("memory", "killed") else outcome.status
     return dict(case, status=status, error=what)
   r = outcome.result

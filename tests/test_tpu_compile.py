@@ -92,6 +92,24 @@ def test_the_largest_batch_is_searched_by_doubling_until_the_compiler_refuses(mo
   assert compiled == [("g", 2), ("d", 2), ("g", 4), ("d", 4), ("g", 8), ("d", 8), ("g", 16)]
 
 
+def test_a_plan_the_compiler_accepts_above_the_chips_hbm_does_not_count_as_fitting(monkeypatch):
+  """Seen on v5e: an r1 program compiled with arguments + temporaries of 16.5 GiB of 15.75."""
+  def fake_run(module, function, kwargs, **limits):
+    b = kwargs["spec"]["batch_per_chip"]
+    total = 4.0 * b + 0.5
+    hbm = dict(arguments=0.5, outputs=0.0, temporaries=4.0 * b, aliased=0.0,
+               generated_code=0.0, total=total)
+    return isolated.Outcome("ok", dict(fits=True, lower_s=1.0, compile_s=1.0, hbm_gib=hbm,
+                                       flops_per_chip=1e12), 2.0, 1.0)
+
+  monkeypatch.setattr(aot.isolated, "run", fake_run)
+  result = aot.run(aot.Options(topology="v5e:2x2", model=tiny_model(), batch_sizes=(1,),
+                               stages=(), max_batch=True), log=lambda _: None)
+  assert result["max_batch"] == {"downscale": 2, "upscale": 2}
+  over = [c for c in result["cases"] if c["batch_per_chip"] == 4]
+  assert [c["status"] for c in over] == ["over HBM", "over HBM"]
+  assert "over HBM" in aot.row(over[0])
+
 def test_a_compile_stopped_at_the_host_memory_limit_is_reported_and_ends_the_search(
     monkeypatch, tmp_path):
   """Without a time limit (the default), as a real 1024 run on a small host meets it."""

@@ -90,6 +90,11 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
       print("\n".join(summary_rows(r)))
+  for r in results:
+    if r.get("max_batch"):
+      best = ", ".join(f"{k} {'unknown (a compile failed)' if v is None else v}"
+                       for k, v in r["max_batch"].items())
+      print(f"\nLargest per-chip batch at which every program fits, {r['topology']}: {best}")
 
 
 if __name__ == "__main__":

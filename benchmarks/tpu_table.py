@@ -14,14 +14,11 @@ def _cells(c: dict) -> tuple[str, str, str, str, str]:
   host = (f"{c['compile_s']:.0f} s" if "compile_s" in c else
           f"stopped after {c['host_seconds']:.0f} s")
   mem = f"{c['host_peak_gb']:.1f} GB" if c.get("host_peak_gb") else "-"
-  if c["status"] == "fits":
+  if c["status"] in ("fits", "over HBM"):  # compiled: a plan and FLOPs
     h = c["hbm_gib"]
     plan = f"{h['total']:.2f} of {c['chip_hbm_gib']:.2f} (temp {h['temporaries']:.2f})"
-    return plan, f"{c['tflop_per_chip']:.3g}", f"{1e3 * c['seconds_at_peak']:.3g}", host, mem
-  if c["status"] == "over HBM":
-    h = c["hbm_gib"]
-    plan = (f"over HBM: compiled, but plans {h['total']:.2f} of {c['chip_hbm_gib']:.2f} "
-            f"(temp {h['temporaries']:.2f})")
+    if c["status"] == "over HBM":
+      plan = f"over HBM: compiled, but plans {plan}"
     return plan, f"{c['tflop_per_chip']:.3g}", f"{1e3 * c['seconds_at_peak']:.3g}", host, mem
   if c["status"] == "does not fit":
     plan = (f"does not fit: needs {c['needed_gib']:.2f} of {c['chip_hbm_gib']:.2f}"

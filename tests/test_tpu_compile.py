@@ -110,6 +110,7 @@ def test_a_plan_the_compiler_accepts_above_the_chips_hbm_does_not_count_as_fitti
   assert [c["status"] for c in over] == ["over HBM", "over HBM"]
   assert "over HBM" in aot.row(over[0])
 
+
 def test_a_compile_stopped_at_the_host_memory_limit_is_reported_and_ends_the_search(
     monkeypatch, tmp_path):
   """Without a time limit (the default), as a real 1024 run on a small host meets it."""

@@ -344,8 +344,7 @@ def _bench_run(args, extra) -> int:
         max_batch=args.max_batch, memory_limit_gb=args.memory_limit_gb,
         timeout_s=args.compile_timeout, out=os.path.abspath(args.out) if args.out else "",
         **common), log)
-    failed = any(c["status"] not in ("fits", "does not fit", "over HBM")
-                 for c in result["cases"])
+    failed = any(c["status"] not in aot.VERDICTS for c in result["cases"])
   else:
     result = bench.run(bench.Options(
         compute_dtype=args.compute_dtype or "float32", repeats=args.repeats,

@@ -43,6 +43,8 @@ from grain_jax.train.step import create_training
 from grain_jax.util import isolated, tpu
 
 GIB = 2 ** 30
+# A case's status when its compile ran to a verdict (any other status: the compile failed).
+VERDICTS = ("fits", "does not fit", "over HBM")
 
 
 # ------------------------------------------------------------------------------ in the child

@@ -49,7 +49,9 @@ def test_bench_refuses_bad_arguments(capsys):
                      (["--checkpoint", "w"], "--checkpoint and --data go together"),
                      (["--losses", "l3"], "--losses: unknown ['l3']"),
                      (["--config", "no/such/config.py", "--stages", ""],
-                      "neither a config file nor a built-in config")):
+                      "neither a config file nor a built-in config"),
+                     (["--config.model.no_such_field=1", "--stages", ""],
+                      "has no field")):
     assert cli.main(["bench", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("grain-jax bench: error: ") and said in err[0]
@@ -70,3 +72,13 @@ def test_compile_only_reports_flops_and_memory_without_running(capsys):
     flops[bool(remat)] = case["tflop_per_image"]
   assert flops[True] > 1.05 * flops[False], flops
   assert "compiled only" in bench.row(case)
+
+
+def test_model_fields_are_config_overrides(capsys):
+  """bench takes --config.model.FIELD=VALUE like train, and records the run options."""
+  rc = cli.main(["bench", "--config", "small", "--config.model.scan_blocks=True",
+                 "--config.model.rescaler.encoder_blocks=3", "--batch_sizes", "1",
+                 "--stages", "", "--compile_only", "--json"])
+  out = json.loads(capsys.readouterr().out)
+  assert rc == 0 and out["scan_blocks"] is True
+  assert [c["name"] for c in out["cases"]] == ["downscale", "upscale"]

@@ -258,7 +258,8 @@ def _train_run(args, extra) -> int:
 def _bench_arguments(p):
   p.add_argument("--config", default="1024",
                  help="the model to time: 1024 (the published GRAIN), small (the demo's "
-                      "64 <-> 4 model), another built-in name or a config file")
+                      "64 <-> 4 model), another built-in name or a config file; its fields "
+                      "as --config.model.FIELD=VALUE (e.g. --config.model.scan_blocks=True)")
   p.add_argument("--batch_sizes", default="1",
                  help="comma-separated batch sizes for downscale/upscale ('' skips them; per "
                       "chip with --topology)")
@@ -333,7 +334,7 @@ def _bench_run(args, extra) -> int:
       raise ValueError(f"--{flag} {'does not go' if args.topology else 'goes'} with "
                        f"--topology")
   log = (lambda *_: None) if args.json else (lambda s: print(s, flush=True))
-  common = dict(config=args.config, model=config_flags.load(args.config).model,
+  common = dict(config=args.config, model=config_flags.load(args.config, extra).model,
                 batch_sizes=tuple(_comma_list(args.batch_sizes, "--batch_sizes", cast=int)),
                 stages=tuple(_comma_list(args.stages, "--stages", stages.NAMES)),
                 train_batch=args.train_batch, remat=args.remat,
@@ -389,7 +390,7 @@ COMMANDS = {c.name: c for c in (
             pipeline.__doc__, _train_arguments, _train_run, config_overrides=True,
             multihost=True),
     Command("bench", "speed and memory on this machine, or of a TPU slice (--topology)",
-            bench.__doc__, _bench_arguments, _bench_run),
+            bench.__doc__, _bench_arguments, _bench_run, config_overrides=True),
     Command("demo", "a one-minute rescaling round trip with random weights", round_trip.__doc__,
             _demo_arguments, _demo_run),
 )}

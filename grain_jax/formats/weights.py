@@ -31,7 +31,7 @@ class WeightsError(ValueError):
   """A weights directory that is missing, incomplete or of another kind."""
 
 
-RUN_OPTIONS = ("compute_dtype", "remat", "conv_weight_grad")
+RUN_OPTIONS = ("compute_dtype", "remat", "conv_weight_grad", "scan_blocks")
 TEMP_PREFIX = ".grain_weights-"  # temp folders beside DIR: PREFIX + host-pid-random
 
 
@@ -86,7 +86,7 @@ def save_weights(directory: str, tree: dict, model_cfg: ml_collections.ConfigDic
     ckptr = _checkpointer()
     ckptr.save(os.path.join(tmp, "variables"), tree)
     ckptr.wait_until_finished()
-    # compute_dtype, remat and conv_weight_grad are choices of how to run, not part of the
+    # RUN_OPTIONS (compute_dtype, remat, ...) are choices of how to run, not part of the
     # weights.
     model = {k: v for k, v in model_cfg.to_dict().items() if k not in RUN_OPTIONS}
     meta = dict(format=FORMAT, model=model, networks=sorted(tree),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,9 +58,30 @@ class RRDB(nn.Module):
     return out * 0.2 + x
 
 
-def rrdb_class(remat: bool):
-  """RRDB, or RRDB under jax.checkpoint (rematerialised in the backward pass; same params)."""
-  return nn.remat(RRDB) if remat else RRDB
+def run_blocks(parent: nn.Module, block: type[nn.Module], fields: dict, names: Sequence[str], x,
+               remat: bool, scan: bool):
+  """x through the same-shaped blocks `names` (children of `parent`: `block(**fields)`) in
+  order; with `scan`, as one lax.scan over their stacked parameters.
+
+  A compiler then sees one block instead of len(names): the TPU compiler's time grows with
+  the number of kernels it generates. The parameters keep their per-block names (the
+  stacking happens inside the program, and its gradient unstacks), so checkpoints and
+  converted weights are the same either way, and so are the operations each block runs.
+  """
+  if not scan or len(names) < 2 or parent.is_initializing():
+    klass = nn.remat(block) if remat else block
+    for name in names:
+      x = klass(**fields, name=name)(x)
+    return x
+  params = parent.variables["params"]
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *(params[n] for n in names))
+  unbound = block(**fields, parent=None)
+
+  def body(h, p):
+    return unbound.apply({"params": p}, h), None
+  if remat:
+    body = jax.checkpoint(body)
+  return jax.lax.scan(body, x, stacked)[0]
 
 
 class Encoder(nn.Module):
@@ -70,6 +92,7 @@ class Encoder(nn.Module):
   n_blocks: int = 10
   remat: bool = False
   conv_weight_grad: str = "xla"
+  scan_blocks: bool = False  # the RRDB trunk as one lax.scan (run_blocks)
 
   @nn.compact
   def __call__(self, x):
@@ -77,10 +100,9 @@ class Encoder(nn.Module):
     fea = conv(self.nf, name="conv_first")(x)
     for i in range(self.n_down):
       fea = lrelu(conv(self.nf, 2, name=f"body_{i}")(fea))
-    trunk = fea
-    for i in range(self.n_blocks):
-      trunk = rrdb_class(self.remat)(self.nf, self.gc, conv_weight_grad=self.conv_weight_grad,
-                                     name=f"RRDB_trunk_{i}")(trunk)
+    fields = dict(nf=self.nf, gc=self.gc, conv_weight_grad=self.conv_weight_grad)
+    trunk = run_blocks(self, RRDB, fields, [f"RRDB_trunk_{i}" for i in range(self.n_blocks)], fea,
+                       self.remat, self.scan_blocks)
     fea = fea + conv(self.nf, name="trunk_conv")(trunk)
     out = lrelu(conv(self.nf, name="out_0")(fea))
     return conv(3, name="out_2")(out)
@@ -99,6 +121,7 @@ class Decoder(nn.Module):
   gc: int = 32
   remat: bool = False
   conv_weight_grad: str = "xla"
+  scan_blocks: bool = False  # each level's RRDBs as one lax.scan (run_blocks)
 
   @nn.compact
   def __call__(self, lr):
@@ -109,10 +132,9 @@ class Decoder(nn.Module):
     for level, (n, light) in enumerate(specs):
       if level > 0:
         fea = upsample_nearest(fea)
-      trunk = fea
-      for j in range(n):
-        trunk = rrdb_class(self.remat)(self.nf, self.gc, light, self.conv_weight_grad,
-                                       name=f"level{level}_RRDB_{j}")(trunk)
+      fields = dict(nf=self.nf, gc=self.gc, light=light, conv_weight_grad=self.conv_weight_grad)
+      trunk = run_blocks(self, RRDB, fields, [f"level{level}_RRDB_{j}" for j in range(n)], fea,
+                         self.remat, self.scan_blocks)
       fea = fea + conv(self.nf, name=f"level{level}_trunk_conv")(trunk)
       features.append(fea)
     out = lrelu(conv(self.nf, name="out_0")(fea))
@@ -143,12 +165,13 @@ class InvRRDB(nn.Module):
   decoder_light_levels: int = 2
   remat: bool = False  # rematerialise each RRDB in the backward pass (less memory, ~1/3 more compute)
   conv_weight_grad: str = "xla"  # how conv weight gradients are computed (layers.CONV_WEIGHT_GRAD)
+  scan_blocks: bool = False  # runs of same-shaped RRDBs as one lax.scan each (fewer kernels)
 
   def setup(self):
     self.encoder = Encoder(self.n_down, self.nf, self.gc, self.encoder_blocks, self.remat,
-                           self.conv_weight_grad)
+                           self.conv_weight_grad, self.scan_blocks)
     self.decoder = Decoder(tuple(self.decoder_blocks), self.decoder_light_levels, self.nf, self.gc,
-                           self.remat, self.conv_weight_grad)
+                           self.remat, self.conv_weight_grad, self.scan_blocks)
 
   def encode(self, x):
     return self.encoder(x)
@@ -177,7 +200,8 @@ class InvRRDB(nn.Module):
           f"({n_down + 1}), model.rescaler gives {len(blocks)} decoder_blocks + "
           f"{r.decoder_light_levels} decoder_light_levels (decoder_blocks=() fits them)")
     return cls(n_down, r.nf, r.gc, r.encoder_blocks, blocks, r.decoder_light_levels,
-               bool(cfg.get("remat", False)), conv_weight_grad_of(cfg))
+               bool(cfg.get("remat", False)), conv_weight_grad_of(cfg),
+               bool(cfg.get("scan_blocks", False)))
 
 
 # ------------------------------------------------------------------------------ conversion

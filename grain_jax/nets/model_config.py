@@ -22,6 +22,10 @@ def grain_1024() -> ml_collections.ConfigDict:
       # 'matmul' (chunked im2col matmuls, faster on CPUs) or 'auto' (matmul where it pays on a
       # CPU, XLA's on GPU/TPU). Forward passes are the same in every mode.
       conv_weight_grad="auto",
+      # Runs of same-shaped blocks (the rescaler's RRDBs) as one lax.scan each: the same
+      # operations and parameters, but each run is compiled once (the TPU compiler's time grows
+      # with the kernels it generates).
+      scan_blocks=False,
       rescaler=dict(nf=64, gc=32, encoder_blocks=10,
                     # RRDBs per decoder level from lr_size up; () = the original's (3, 3, 3, 2, 1)
                     # fitted to the levels. The last `light` levels use one RRDB2 each.

@@ -309,6 +309,7 @@ def run(options: Options = Options(), log=print) -> dict:
   ceiling = conv_ceiling(jnp.dtype(o.compute_dtype), o.repeats)
   result = dict(device=device_description(), config=o.config, hr_size=int(cfg.hr_size),
                 lr_size=int(cfg.lr_size), compute_dtype=o.compute_dtype, remat=o.remat,
+                scan_blocks=bool(cfg.get("scan_blocks", False)),
                 conv_weight_grad=wgrad, compile_only=o.compile_only,
                 jax_version=jax.__version__, ceiling_tflops=ceiling["tflops"], ceiling=ceiling,
                 cases=[])

@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "che
                      "data.eval_identity", "data.eval_fid", "data.eval_inception",
                      "data.eval_fid_dims", "time_budget_s", "budget_probe_steps",
                      "max_nonfinite_steps", "time_limit_s", "stop_signal", "stop_check_every",
-                     # how to run, not what: compute_dtype, remat, conv_weight_grad
+                     # how to run, not what (compute_dtype, remat, ...)
                      *(f"model.{k}" for k in RUN_OPTIONS))
 
 

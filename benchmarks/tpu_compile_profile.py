@@ -1,0 +1,109 @@
+"""Where a TPU compile's time goes: the kernels it generates, by part of the program.
+
+    python benchmarks/tpu_compile_profile.py --program invrrdb:g --batch 2 \
+        [--topology v5e:2x2] [--hr_size 256] [--set scan_blocks=True ...] [--json out.json]
+
+Compiles one program as `grain-jax bench --topology` does (train/aot.py, bfloat16, GRAIN's
+losses; PROGRAM is upscale, downscale or STAGE:d|r1|g) with XLA's dump on, and reads the
+compiled module: the number of kernels (the TPU compiler spends most of its time generating
+code, kernel by kernel), the compiler's estimated cycles, and the kernels per part of the
+program (from their op_name: the optimizer update and divergence guard, the rescaler's
+forward and backward passes, the loss networks...). Needs libtpu (pip install
+'grain-jax[tpu]'), no TPU. Numbers in docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+
+def _part(op_name: str) -> str:
+  """A kernel's part of the program, from its op_name."""
+  name = re.sub(r"^jit\([^)]*\)/(shard_map/)?", "", op_name)
+  backward = name.startswith("transpose(")
+  for key, part in (("rescaler", "rescaler"), ("fea2code", "fea2code"),
+                    ("generator", "generator"), ("fusion", "fusion"), ("IRSE", "irse50"),
+                    ("LPIPS", "lpips"), ("Discriminator", "discriminator")):
+    if key in name:
+      return f"{part} {'backward' if backward else 'forward'}"
+  if "convert_element_type" in name:
+    return "parameter casts"
+  return "optimizer, guard, other"
+
+
+def profile(dump: str) -> dict:
+  """Kernels, estimated cycles and kernels per part of the largest compiled module in `dump`."""
+  files = sorted(glob.glob(os.path.join(dump, "*after_codegen.txt")), key=os.path.getsize)
+  if not files:
+    raise SystemExit(f"no compiled module was dumped in {dump}")
+  kernels, cycles, parts = 0, 0, collections.Counter()
+  with open(files[-1]) as f:
+    for line in f:
+      m = re.search(r'"estimated_cycles":"?(\d+)', line)
+      if not m:
+        continue
+      kernels += 1
+      cycles += int(m.group(1))
+      op = re.search(r'op_name="([^"]*)"', line)
+      parts[_part(op.group(1) if op else "")] += 1
+  return dict(kernels=kernels, estimated_mcycles=cycles / 1e6, kernels_by_part=dict(
+      parts.most_common()))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--program", required=True, help="upscale, downscale or STAGE:d|r1|g")
+  p.add_argument("--batch", type=int, default=1, help="per-chip batch")
+  p.add_argument("--topology", default="v5e:2x2")
+  p.add_argument("--hr_size", type=int, default=1024,
+                 help="the 1024 layout at another size (256: the same programs, faster)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="a model config field (Python literal), e.g. scan_blocks=True")
+  p.add_argument("--json", default="", help="append the result to this JSON list")
+  args = p.parse_args(argv)
+  dump = tempfile.mkdtemp(prefix="tpu_profile_")
+  # Before JAX starts: the dump flag, and this host's CPU as JAX's platform.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from grain_jax.util import tpu
+  tpu.quiet_libtpu()
+  from grain_jax.nets.model_config import grain_1024
+  from grain_jax.train import aot
+
+  model = grain_1024()
+  model.hr_size = args.hr_size
+  for item in args.set:
+    field, value = item.split("=", 1)
+    node = model
+    *path, last = field.split(".")
+    for key in path:
+      node = node[key]
+    node[last] = eval(value, {})  # a literal of the user's own command line
+  stage, program = args.program.split(":") if ":" in args.program else (None, args.program)
+  spec = dict(topology=args.topology, model=model.to_dict(), compute_dtype="bfloat16",
+              remat=bool(model.get("remat", False)), losses=None, program=program,
+              stage=stage, batch_per_chip=args.batch)
+  t = time.perf_counter()
+  r = aot.compile_program(spec)
+  out = dict(program=args.program, batch_per_chip=args.batch, topology=args.topology,
+             hr_size=args.hr_size, settings=args.set, fits=r["fits"],
+             compile_s=round(r["compile_s"], 1), seconds=round(time.perf_counter() - t, 1),
+             hbm_total_gib=r.get("hbm_gib", {}).get("total"), needed_gib=r.get("needed_gib"),
+             **profile(dump))
+  print(json.dumps(out, indent=1))
+  if args.json:
+    runs = json.load(open(args.json)) if os.path.exists(args.json) else []
+    with open(args.json, "w") as f:
+      json.dump(runs + [out], f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

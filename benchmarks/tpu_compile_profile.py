@@ -1,7 +1,8 @@
 """Where a TPU compile's time goes: the kernels it generates, by part of the program.
 
     python benchmarks/tpu_compile_profile.py --program invrrdb:g --batch 2 \
-        [--topology v5e:2x2] [--hr_size 256] [--set scan_blocks=True ...] [--json out.json]
+        [--topology v5e:2x2] [--config 1024] [--config.model.hr_size=256] \
+        [--config.model.scan_blocks=True ...] [--json out.json]
 
 Compiles one program as `grain-jax bench --topology` does (train/aot.py, bfloat16, GRAIN's
 losses; PROGRAM is upscale, downscale or STAGE:d|r1|g) with XLA's dump on, and reads the
@@ -19,6 +20,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -62,46 +64,41 @@ def main(argv=None) -> int:
   p.add_argument("--program", required=True, help="upscale, downscale or STAGE:d|r1|g")
   p.add_argument("--batch", type=int, default=1, help="per-chip batch")
   p.add_argument("--topology", default="v5e:2x2")
-  p.add_argument("--hr_size", type=int, default=1024,
-                 help="the 1024 layout at another size (256: the same programs, faster)")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                 help="a model config field (Python literal), e.g. scan_blocks=True")
-  p.add_argument("--json", default="", help="append the result to this JSON list")
-  args = p.parse_args(argv)
+  p.add_argument("--config", default="1024",
+                 help="a model config, its fields as --config.model.FIELD=VALUE (as grain-jax "
+                      "bench; --config.model.hr_size=256: the 1024 layout, faster)")
+  p.add_argument("--json", default="", help="add the result to this file's 'runs'")
+  args, overrides = p.parse_known_args(argv)
   dump = tempfile.mkdtemp(prefix="tpu_profile_")
   # Before JAX starts: the dump flag, and this host's CPU as JAX's platform.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
   from grain_jax.util import tpu
   tpu.quiet_libtpu()
-  from grain_jax.nets.model_config import grain_1024
+  from grain_jax.cli import config_flags
   from grain_jax.train import aot
 
-  model = grain_1024()
-  model.hr_size = args.hr_size
-  for item in args.set:
-    field, value = item.split("=", 1)
-    node = model
-    *path, last = field.split(".")
-    for key in path:
-      node = node[key]
-    node[last] = eval(value, {})  # a literal of the user's own command line
+  model = config_flags.load(args.config, overrides).model
   stage, program = args.program.split(":") if ":" in args.program else (None, args.program)
-  spec = dict(topology=args.topology, model=model.to_dict(), compute_dtype="bfloat16",
-              remat=bool(model.get("remat", False)), losses=None, program=program,
-              stage=stage, batch_per_chip=args.batch)
+  spec = aot.program_spec(args.topology, model, "bfloat16", bool(model.get("remat", False)),
+                          None, program, stage, args.batch)
   t = time.perf_counter()
-  r = aot.compile_program(spec)
+  try:
+    r = aot.compile_program(spec)
+    found = profile(dump)
+  finally:
+    shutil.rmtree(dump, ignore_errors=True)  # hundreds of MB per program
   out = dict(program=args.program, batch_per_chip=args.batch, topology=args.topology,
-             hr_size=args.hr_size, settings=args.set, fits=r["fits"],
+             hr_size=int(model.hr_size), settings=overrides, fits=r["fits"],
              compile_s=round(r["compile_s"], 1), seconds=round(time.perf_counter() - t, 1),
              hbm_total_gib=r.get("hbm_gib", {}).get("total"), needed_gib=r.get("needed_gib"),
-             **profile(dump))
+             **found)
   print(json.dumps(out, indent=1))
   if args.json:
-    runs = json.load(open(args.json)) if os.path.exists(args.json) else []
+    result = json.load(open(args.json)) if os.path.exists(args.json) else {"runs": []}
+    result["runs"].append(out)
     with open(args.json, "w") as f:
-      json.dump(runs + [out], f, indent=1)
+      json.dump(result, f, indent=1)
   return 0
 
 

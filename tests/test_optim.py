@@ -2,6 +2,7 @@
 implementation of the PyTorch Ranger GRAIN trains with, on a toy least-squares problem.
 (tests/test_training_parity.py checks it against the PyTorch Ranger itself, inside GRAIN's
 training loop.)"""
+import functools
 import math
 
 import jax
@@ -10,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from grain_jax.train import optim
+from grain_jax.train import optim, packed
 
 
 def reference_ranger(params, grad_fn, steps, lr=1e-3, b1=0.95, b2=0.999, eps=1e-5, k=6,
@@ -98,3 +99,69 @@ def test_gradient_centralization_leaves_vectors_and_zeroes_kernel_means():
   out, _ = optim.centralize_gradients().update(g, optax.EmptyState())
   np.testing.assert_allclose(np.asarray(out["k"]).mean(axis=(0, 1)), 0, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(out["b"]), np.arange(4.0))
+
+
+def test_packed_parameters_take_the_same_steps():
+  """Ranger and Adam on parameters packed into one vector per dtype (as the train state holds
+  them) against the same optimizer per tensor: equal after every step, gradient
+  centralization included, up to float rounding (XLA fuses the unpacking slices into the
+  gradient's computation, which can round a sum differently: 1 ulp here)."""
+  rng = np.random.default_rng(1)
+  params = {"conv": {"kernel": rng.normal(size=(3, 3, 4, 5)).astype(np.float32),
+                     "bias": rng.normal(size=(5,)).astype(np.float32)},
+            "dense": {"kernel": rng.normal(size=(5, 2)).astype(np.float32)}}
+  x = rng.normal(size=(8, 3, 3, 4)).astype(np.float32)
+
+  def loss(p):
+    h = jnp.einsum("nhwc,hwco->no", x, p["conv"]["kernel"]) + p["conv"]["bias"]
+    return jnp.mean(jnp.tanh(h) @ p["dense"]["kernel"] ** 2)
+
+  for name in ("ranger", "adam"):
+    cfg = ml_collections.ConfigDict(dict(name=name, b1=0.95, b2=0.999, eps=1e-5,
+                                         sync_period=3, slow_step_size=0.5))
+    # As the train step: gradients prepared (centralized per tensor, packed) for an
+    # optimizer that takes them so; against the plain optimizer on the tree.
+    txs = {False: optim.make_optimizer(cfg, 1e-2),
+           True: optim.make_optimizer(cfg, 1e-2, prepared=True)}
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def step(opt_params, state, prepared):
+      g = jax.grad(loss)(optim.model_params(opt_params))
+      if prepared:
+        g = optim.optimizer_gradients(cfg, opt_params, g)
+      updates, state = txs[prepared].update(g, state, opt_params)
+      return optax.apply_updates(opt_params, updates), state
+
+    per_tensor = optim.wrap_params(cfg, jax.tree_util.tree_map(jnp.asarray, params))
+    packed_ = optim.wrap_params(cfg, packed.pack(params))
+    assert len(jax.tree_util.tree_leaves(optim._run_view(packed_))) == 1
+    runs = [(p, txs[k].init(p), k) for k, p in ((False, per_tensor), (True, packed_))]
+    for t in range(7):
+      runs = [(*step(*r), r[2]) for r in runs]
+      a, b = (optim.model_params(p) for p, _, _ in runs)
+      for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(v), np.asarray(u), rtol=1e-6, atol=1e-7,
+                                   err_msg=f"{name} {t}")
+    # Both moved (the comparison is not between two untouched states).
+    assert not np.array_equal(np.asarray(a["dense"]["kernel"]), params["dense"]["kernel"])
+
+
+def test_a_packed_tree_round_trips_and_refuses_another_structure():
+  tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.int32),
+          "c": np.zeros((), np.float32)}
+  p = packed.pack(tree)
+  assert {k: v.shape for k, v in p.buffers.items()} == {"float32": (7,), "int32": (2,)}
+  back = p.unpack()
+  for k in tree:
+    np.testing.assert_array_equal(np.asarray(back[k]), tree[k])
+    assert back[k].dtype == tree[k].dtype
+  state = {"p": p, "other": jnp.ones(3)}
+  flat = packed.unpack_all(state)
+  again = packed.pack_like(state, flat)
+  assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(state)
+  try:
+    p.layout.pack({"a": tree["a"]})
+  except ValueError as e:
+    assert "cannot pack" in str(e)
+  else:
+    raise AssertionError("a tree of another structure was packed")

@@ -39,6 +39,35 @@ def test_two_and_four_devices_match_one_device():
     assert r["nan_step"] == [[True, 1.0, 4], [True, 1.0, 4]], (case, r)
 
 
+def test_the_train_state_packs_what_the_optimizer_updates():
+  """Trained parameters and optimizer moments are one vector per dtype (train/packed.py:
+  per-tensor updates cost most of a program's compile time); the networks and checkpoints
+  still see them per tensor. (test_optim.py checks that packed steps equal per-tensor ones;
+  the parity tests run the packed step.)"""
+  import jax
+  from jax.sharding import Mesh
+  from grain_jax.train import initial_weights, optim, packed
+  from grain_jax.train.step import create_training
+
+  cfg = tiny_training("fea2code")
+  abstract = lambda t: jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), t)
+  v, dv, lv = jax.eval_shape(lambda: initial_weights.initial_variables(cfg)[:3])
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  state = create_training(cfg, abstract(v), abstract(dv), lv, mesh).state
+  for params, opt_state in ((state.params, state.opt_state),
+                            (state.d_params, state.d_opt_state)):
+    floats = [a for a in jax.tree_util.tree_leaves((params, opt_state)) if a.dtype == np.float32]
+    # Ranger's fast and slow weights and its two moments.
+    assert len(floats) == 4 and all(len(a.shape) == 1 for a in floats)
+  per_tensor = jax.eval_shape(packed.unpack_all, state)
+  assert set(per_tensor.params.fast) == {"fea2code"}
+  shapes = lambda t: [a.shape for a in jax.tree_util.tree_leaves(t)]
+  assert shapes(per_tensor.params.fast) == shapes(v["params"]["fea2code"])
+  assert shapes(per_tensor.opt_state) == shapes(jax.eval_shape(
+      optim.make_optimizer(cfg.optimizer, lambda n: 1e-3).init, per_tensor.params))
+
+
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
   """A folder of small natural pictures (and one unreadable file)."""

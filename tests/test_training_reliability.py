@@ -246,6 +246,8 @@ def test_checkpoints_from_before_the_divergence_guard_still_resume(pictures, tmp
   args = ocp.args
   src, dst = manager(new), manager(old)
   state = src.restore(2, args=args.Composite(state=args.StandardRestore()))["state"]
+  # On disk, per tensor (the train state packs them: train/packed.py).
+  assert set(state["params"]["fast"]) == {"rescaler"}
   # Neither the guard's counters nor the schedule length (added later still).
   state = {k: v for k, v in state.items()
            if not k.startswith("nonfinite") and k != "schedule_steps"}

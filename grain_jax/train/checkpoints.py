@@ -27,7 +27,7 @@ from orbax.checkpoint._src.futures import synchronization as orbax_sync
 from grain_jax.data.input_pipeline import TrainData
 from grain_jax.formats.weights import RUN_OPTIONS, restore_error, save_weights
 from grain_jax.nets.model import per_network_variables
-from grain_jax.train import losses, stages
+from grain_jax.train import losses, packed, stages
 from grain_jax.train.optim import model_params
 from grain_jax.train.state import TrainState, variables_of
 from grain_jax.util import disk_space, distributed, files, orbax_log_filter
@@ -121,7 +121,7 @@ class Checkpoints:
     self.last_saved = self.mgr.latest_step()
 
   def restore(self, state, data: TrainData):
-    """The newest checkpoint that restores (shaped like `state`); moves `data` to its
+    """The newest checkpoint that restores (shaped like `state`, replicated); moves `data` to its
     position. A newer one that fails (truncated by a full disk, say) is moved to
     checkpoints_unreadable/ with a warning naming both steps, so the run continues from the
     one before and can save that step number again."""
@@ -131,9 +131,14 @@ class Checkpoints:
     orbax_log_filter.silence_failed_read()
     if steps:
       self._check_process_count(steps[0])
+    # Checkpoints hold the state per tensor (packed.py): restored so, packed after.
+    sharding = jax.tree_util.tree_leaves(state)[0].sharding
+    on_disk = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        jax.eval_shape(packed.unpack_all, state))
     for step in steps:
       try:
-        target = self._target(step, state)
+        target = self._target(step, on_disk)
         if os.path.isdir(os.path.join(self.directory, str(step), "host_data")):
           restored = self.mgr.restore(step, args=args.Composite(
               state=args.StandardRestore(target),
@@ -145,6 +150,7 @@ class Checkpoints:
         found = restored["state"]
         if isinstance(target, dict):
           found = state.replace(**found)
+        found = packed.pack_like(state, found)
       except Exception as e:  # Orbax raises many kinds for a damaged checkpoint
         failures.append((step, restore_error(e)))
         continue
@@ -215,7 +221,7 @@ class Checkpoints:
     try:
       args = ocp.args
       self.mgr.save(step, args=args.Composite(
-          state=args.StandardSave(state),
+          state=args.StandardSave(packed.unpack_all(state)),
           host_data=grain.checkpoint.CheckpointSave(data.iterator)))
       self.last_saved = step
       if export is not None and jax.process_index() == 0:

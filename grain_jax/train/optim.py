@@ -9,7 +9,9 @@ rho_t >= 5, Ranger from rho_t > 5.
 
 Parameters of a Ranger state are `optax.LookaheadParams` (fast, slow); the networks run with
 the fast ones (as PyTorch's Ranger, whose `p.data` are the fast weights). `model_params`
-returns them for either optimizer. `learning_rate_schedule` is the configs' lr_schedule.
+returns them for either optimizer, unpacked where the train state packs them (packed.py);
+`optimizer_gradients` centralizes and packs their gradients for an optimizer made with
+`prepared=True`. `learning_rate_schedule` is the configs' lr_schedule.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from grain_jax.train import packed
+
 
 def centralize_gradients() -> optax.GradientTransformation:
   """Gradient centralization: subtract from each kernel gradient its mean over every axis but
@@ -27,14 +31,17 @@ def centralize_gradients() -> optax.GradientTransformation:
 
   PyTorch weights are (out, in, kh, kw) / (out, in) and Ranger averages over axes 1..; Flax
   kernels are HWIO / (in, out), so the output axis is the last and the mean is over all the
-  others. Vectors (biases, scales) are left alone.
+  others. Vectors (biases, scales) are left alone. Takes packed updates too (packed.py).
   """
+  def gc(g):
+    if g.ndim > 1:
+      return g - jnp.mean(g, axis=tuple(range(g.ndim - 1)), keepdims=True)
+    return g
+
   def update(updates, state, params=None):
     del params
-    def gc(g):
-      if g.ndim > 1:
-        return g - jnp.mean(g, axis=tuple(range(g.ndim - 1)), keepdims=True)
-      return g
+    if packed.is_packed(updates):  # per tensor, so through the tensors' shapes
+      return updates.layout.pack(jax.tree_util.tree_map(gc, updates.unpack())), state
     return jax.tree_util.tree_map(gc, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -95,9 +102,12 @@ def scale_by_ranger_radam(b1: float = 0.95, b2: float = 0.999, eps: float = 1e-5
 
 
 def ranger(learning_rate, b1: float = 0.95, b2: float = 0.999, eps: float = 1e-5,
-           sync_period: int = 6, slow_step_size: float = 0.5) -> optax.GradientTransformation:
-  """Ranger with GRAIN's settings (pSp's Ranger defaults); params are LookaheadParams."""
-  fast = optax.chain(centralize_gradients(), scale_by_ranger_radam(b1, b2, eps),
+           sync_period: int = 6, slow_step_size: float = 0.5,
+           centralize: bool = True) -> optax.GradientTransformation:
+  """Ranger with GRAIN's settings (pSp's Ranger defaults); params are LookaheadParams.
+  centralize=False: for gradients centralized already (optimizer_gradients)."""
+  fast = optax.chain(*([centralize_gradients()] if centralize else []),
+                     scale_by_ranger_radam(b1, b2, eps),
                      optax.scale_by_learning_rate(learning_rate))
   return optax.lookahead(fast, sync_period=sync_period, slow_step_size=slow_step_size)
 
@@ -125,20 +135,39 @@ def learning_rate_schedule(cfg, base_lr: float, schedule_steps=None) -> optax.Sc
   return schedule
 
 
-def make_optimizer(cfg, learning_rate) -> optax.GradientTransformation:
-  """From an optimizer config: name 'ranger' (GRAIN's default) or 'adam'."""
+def make_optimizer(cfg, learning_rate, prepared: bool = False) -> optax.GradientTransformation:
+  """From an optimizer config: name 'ranger' (GRAIN's default) or 'adam'. prepared=True: it
+  takes gradients from `optimizer_gradients` (as the train step does)."""
   if cfg.name == "ranger":
-    return ranger(learning_rate, cfg.b1, cfg.b2, cfg.eps, cfg.sync_period, cfg.slow_step_size)
+    return ranger(learning_rate, cfg.b1, cfg.b2, cfg.eps, cfg.sync_period, cfg.slow_step_size,
+                  centralize=not prepared)
   if cfg.name == "adam":  # torch.optim.Adam's defaults, as the original's --optim_name adam
     return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
   raise ValueError(f"unknown optimizer {cfg.name!r} (choose 'ranger' or 'adam')")
 
 
 def wrap_params(cfg, params):
-  """The optimizer's view of `params`: LookaheadParams for Ranger, the tree itself for Adam."""
+  """The optimizer's view of `params` (a tree, or a packed.PackedTree): LookaheadParams for
+  Ranger, `params` itself for Adam."""
   return optax.LookaheadParams.init_synced(params) if cfg.name == "ranger" else params
 
 
-def model_params(opt_params):
-  """The parameters the networks run with (Ranger: the fast weights)."""
+def _run_view(opt_params):
   return opt_params.fast if isinstance(opt_params, optax.LookaheadParams) else opt_params
+
+
+def model_params(opt_params):
+  """The parameters the networks run with (Ranger: the fast weights), as a tree (unpacked)."""
+  return packed.maybe_unpack(_run_view(opt_params))
+
+
+def optimizer_gradients(cfg, opt_params, grads):
+  """Gradients with respect to model_params(opt_params) (a tree) as
+  `make_optimizer(cfg, ..., prepared=True)` takes them: Ranger's gradient centralization
+  done here, per tensor, then packed where the parameters are. (On the packed vector it
+  would take a slice and a concatenation per tensor: ~10 s more compilation for stage 4 on
+  XLA:CPU.) Centralization is linear, so doing it before the gradients are averaged over
+  devices rather than after changes only float rounding."""
+  if cfg.name == "ranger":
+    grads, _ = centralize_gradients().update(grads, optax.EmptyState())
+  return packed.pack_as(_run_view(opt_params), grads)

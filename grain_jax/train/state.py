@@ -10,17 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grain_jax.train import optim, stages
+from grain_jax.train import optim, packed, stages
 from grain_jax.util import distributed
 
 
 class TrainState(flax.struct.PyTreeNode):
   """Everything a step changes, as one pytree (what checkpoints hold)."""
   step: jax.Array
-  params: Any          # optimizer view of the trained networks' params (see optim.wrap_params)
+  # The trained networks' params and the discriminator's, in the optimizer's view
+  # (optim.wrap_params) of their packed form (packed.py), as are the optimizer states.
+  params: Any
   opt_state: Any
   frozen: Any          # {'params': {network: ...}, 'buffers': ...}: networks not trained
-  d_params: Any        # optimizer view of the discriminator's params
+  d_params: Any
   d_opt_state: Any
   d_batch_stats: Any   # patch discriminator BatchNorm statistics ({} for StyleGAN2's D)
   rng: jax.Array       # raw uint32 key data (checkpointable)
@@ -48,14 +50,15 @@ def variables_of(state: TrainState) -> dict:
 
 def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
   """The initial state from the model's variables and the discriminator's (`tx`, `d_tx`:
-  their optimizers, for the state's structure)."""
+  their optimizers, for the state's structure). Trained parameters are packed (packed.py);
+  `packed.unpack_all` gives the same state per tensor, which the step takes as well."""
   stage = stages.get(cfg.stage)
   params = variables["params"]
   trained = {n: params[n] for n in stage.trains}
   frozen = {"params": {n: p for n, p in params.items() if n not in stage.trains},
             "buffers": variables.get("buffers", {})}
-  wrapped = optim.wrap_params(cfg.optimizer, trained)
-  d_wrapped = optim.wrap_params(cfg.optimizer, d_variables["params"])
+  wrapped = optim.wrap_params(cfg.optimizer, packed.pack(trained))
+  d_wrapped = optim.wrap_params(cfg.optimizer, packed.pack(d_variables["params"]))
   # Copies: Lookahead's fast and slow start as the same arrays, and the step donates both.
   as_jnp = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), t)
   wrapped, d_wrapped = as_jnp(wrapped), as_jnp(d_wrapped)
@@ -82,8 +85,8 @@ FINITE_CHECK_ELEMENTS = 2 ** 22
 def all_finite(tree) -> jax.Array:
   """Whether every floating-point value of `tree` is finite (a boolean scalar).
 
-  One reduction per leaf makes XLA compile for minutes: a train state has thousands of leaves
-  (Ranger holds 5 copies of InvRRDB's 718), each a reduction to compile. So leaves of a dtype
+  One reduction per leaf makes XLA compile for minutes: a state per tensor has thousands of
+  leaves (Ranger holds 5 copies of InvRRDB's 718), each a reduction to compile. So leaves of a dtype
   are flattened and concatenated into groups of up to FINITE_CHECK_ELEMENTS, one reduction
   per group; a larger leaf is its own.
   """

@@ -56,6 +56,7 @@ class StepSetup:
   disc: nn.Module
   make_tx: Callable      # schedule length (int32 scalar) -> the optimizer
   make_d_tx: Callable    # the same for the discriminator
+  prepare_gradients: Callable  # (opt params, gradient tree) -> what the optimizers take
   stage: stages.Stage
   weights: dict          # loss term -> weight (0 = off)
   loss_nets: frozenset   # loss networks whose variables are passed in: 'lpips', 'irse50'
@@ -171,7 +172,7 @@ def discriminator_step(s: StepSetup, state: TrainState, batch):
 
   (d_loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       optim.model_params(state.d_params))
-  grads = s.pmean(grads)
+  grads = s.pmean(s.prepare_gradients(state.d_params, grads))
   updates, d_opt_state = s.make_d_tx(state.schedule_steps).update(grads, state.d_opt_state,
                                                                   state.d_params)
   new = state.replace(d_params=optax.apply_updates(state.d_params, updates),
@@ -190,7 +191,8 @@ def r1_step(s: StepSetup, state: TrainState, batch, grads, d_metrics: dict):
   r1_fn = lambda p: losses.r1_penalty(lambda img: s.disc.apply({"params": p}, img), real)
   r1, r1_grads = jax.value_and_grad(r1_fn)(optim.model_params(state.d_params))
   scale = s.r1_gamma / 2 * s.r1_every
-  total = jax.tree_util.tree_map(lambda g, h: g + scale * h, grads, s.pmean(r1_grads))
+  r1_grads = s.pmean(s.prepare_gradients(state.d_params, r1_grads))
+  total = jax.tree_util.tree_map(lambda g, h: g + scale * h, grads, r1_grads)
   updates, d_opt_state = s.make_d_tx(state.schedule_steps).update(total, state.d_opt_state,
                                                                   state.d_params)
   new = state.replace(d_params=optax.apply_updates(state.d_params, updates),
@@ -247,7 +249,8 @@ def generator_step(s: StepSetup, state: TrainState, batch, loss_vars, d_metrics:
                                            loss_vars)
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       optim.model_params(state.params))
-  updates, opt_state = s.make_tx(state.schedule_steps).update(s.pmean(grads), state.opt_state,
+  grads = s.pmean(s.prepare_gradients(state.params, grads))
+  updates, opt_state = s.make_tx(state.schedule_steps).update(grads, state.opt_state,
                                                               state.params)
   new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                       opt_state=opt_state)
@@ -377,15 +380,18 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
   stage = stages.get(cfg.stage)
   d_lr = cfg.learning_rate if cfg.d_learning_rate < 0 else cfg.d_learning_rate
   schedule = optim.learning_rate_schedule
-  make_tx = lambda n: optim.make_optimizer(cfg.optimizer, schedule(cfg, cfg.learning_rate, n))
-  make_d_tx = lambda n: optim.make_optimizer(cfg.optimizer, schedule(cfg, d_lr, n))
+  make_tx = lambda n: optim.make_optimizer(
+      cfg.optimizer, schedule(cfg, cfg.learning_rate, n), prepared=True)
+  make_d_tx = lambda n: optim.make_optimizer(cfg.optimizer, schedule(cfg, d_lr, n),
+                                             prepared=True)
+  prepare = functools.partial(optim.optimizer_gradients, cfg.optimizer)
   # 'auto' convolution weight gradients as the mesh's devices want them, not the host's.
   model_cfg = layers.for_platform(cfg.model, mesh.devices.flat[0].platform)
   disc = registry.build(stage.discriminator, model_cfg)
   if stage.discriminator == "patch_discriminator":
     disc = disc.clone(axis_name=AXIS)  # synchronised BatchNorm over the devices
   model = GRAIN.from_config(model_cfg, stage.runs)
-  setup = StepSetup(model, disc, make_tx, make_d_tx, stage,
+  setup = StepSetup(model, disc, make_tx, make_d_tx, prepare, stage,
                     {k: float(cfg.loss[k]) for k in losses.LOSSES if k in cfg.loss},
                     frozenset(loss_vars), int(cfg.d_every), int(cfg.r1_every),
                     float(cfg.r1_gamma), skip_nonfinite=skip_nonfinite)

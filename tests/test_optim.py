@@ -165,26 +165,3 @@ def test_a_packed_tree_round_trips_and_refuses_another_structure():
     assert "cannot pack" in str(e)
   else:
     raise AssertionError("a tree of another structure was packed")
-
-
-def test_bfloat16_copies_cast_before_unpacking_give_the_same_gradients():
-  """The bfloat16 step casts the packed weights once and unpacks the copy (instead of a cast
-  per tensor); the gradients, cast back to float32, are the same bits."""
-  rng = np.random.default_rng(2)
-  params = {"k": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
-            "b": rng.normal(size=(4,)).astype(np.float32)}
-  x = jnp.asarray(rng.normal(size=(5, 3, 3, 2)), jnp.bfloat16)
-  cfg = ml_collections.ConfigDict(dict(name="ranger"))
-  loss = lambda p: jnp.sum(jnp.tanh(jnp.einsum("nhwc,hwco->no", x, p["k"]) + p["b"]) ** 2)
-  cast = lambda p: jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p)
-
-  per_tensor = optim.wrap_params(cfg, jax.tree_util.tree_map(jnp.asarray, params))
-  want = optim.optimizer_gradients(cfg, per_tensor, jax.grad(lambda p: loss(cast(p)))(
-      optim.model_params(per_tensor)))
-  opt = optim.wrap_params(cfg, packed.pack(params))
-  copy = optim.model_params(opt, jnp.bfloat16)
-  assert all(a.dtype == jnp.bfloat16 for a in jax.tree_util.tree_leaves(copy))
-  got = optim.optimizer_gradients(cfg, opt, jax.grad(loss)(copy))
-  assert got.buffers["float32"].dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(got.unpack()["k"]), np.asarray(want["k"]))
-  np.testing.assert_array_equal(np.asarray(got.unpack()["b"]), np.asarray(want["b"]))

@@ -156,11 +156,9 @@ def _run_view(opt_params):
   return opt_params.fast if isinstance(opt_params, optax.LookaheadParams) else opt_params
 
 
-def model_params(opt_params, float_dtype=None):
-  """The parameters the networks run with (Ranger: the fast weights), as a tree (unpacked).
-  float_dtype: the networks' compute dtype, for packed parameters cast before unpacking
-  (the networks would cast each tensor); `optimizer_gradients` casts their gradients back."""
-  return packed.maybe_unpack(_run_view(opt_params), float_dtype)
+def model_params(opt_params):
+  """The parameters the networks run with (Ranger: the fast weights), as a tree (unpacked)."""
+  return packed.maybe_unpack(_run_view(opt_params))
 
 
 def optimizer_gradients(cfg, opt_params, grads):
@@ -170,8 +168,6 @@ def optimizer_gradients(cfg, opt_params, grads):
   would take a slice and a concatenation per tensor: ~10 s more compilation for stage 4 on
   XLA:CPU.) Centralization is linear, so doing it before the gradients are averaged over
   devices rather than after changes only float rounding."""
-  view = _run_view(opt_params)
-  grads = packed.cast_like(view, grads)  # float32 from gradients of a bfloat16 copy
   if cfg.name == "ranger":
     grads, _ = centralize_gradients().update(grads, optax.EmptyState())
-  return packed.pack_as(view, grads)
+  return packed.pack_as(_run_view(opt_params), grads)

@@ -80,8 +80,7 @@ class PackedTree(flax.struct.PyTreeNode):
   layout: Layout = flax.struct.field(pytree_node=False)
 
   def unpack(self):
-    """The tree: each leaf a slice of its buffer, reshaped (with the buffer's dtype, which a
-    cast of the whole buffer may have changed from the layout's)."""
+    """The tree: each leaf a slice of its buffer, reshaped."""
     return _unpack(self)
 
 
@@ -104,25 +103,9 @@ def pack(tree) -> PackedTree:
   return Layout.of(tree).pack(tree)
 
 
-def maybe_unpack(x, float_dtype=None):
-  """x.unpack() for a PackedTree, else x. With `float_dtype`, a PackedTree's floating-point
-  buffers are cast to it first: one cast per buffer instead of one per tensor."""
-  if not is_packed(x):
-    return x
-  if float_dtype is not None:
-    x = x.replace(buffers={k: v.astype(float_dtype) if jnp.issubdtype(v.dtype, jnp.floating)
-                           else v for k, v in x.buffers.items()})
-  return x.unpack()
-
-
-def cast_like(like, tree):
-  """`tree` (of like's structure, unpacked) with each leaf cast to the dtype of like's: the
-  gradients of a cast copy of the parameters, as the parameters' dtypes."""
-  if is_packed(like):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(
-        treedef, [a.astype(d) for a, d in zip(leaves, like.layout.dtypes)])
-  return jax.tree_util.tree_map(lambda a, l: a.astype(l.dtype), tree, like)
+def maybe_unpack(x):
+  """x.unpack() for a PackedTree, else x."""
+  return x.unpack() if is_packed(x) else x
 
 
 def pack_as(like, tree):

@@ -248,7 +248,7 @@ def generator_step(s: StepSetup, state: TrainState, batch, loss_vars, d_metrics:
   loss_fn = lambda trained: generator_loss(s, trained, state, x, y, (q_noise, g_noise),
                                            loss_vars)
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      optim.model_params(state.params, s.model.compute_dtype))
+      optim.model_params(state.params))
   grads = s.pmean(s.prepare_gradients(state.params, grads))
   updates, opt_state = s.make_tx(state.schedule_steps).update(grads, state.opt_state,
                                                               state.params)

@@ -14,8 +14,9 @@ reshapes, which XLA fuses into their consumers. Gradients are taken with respect
 unpacked tree and packed (one concatenation), never through the slices (whose transpose is
 a full-length pad per tensor).
 
-Packing is a layout change only: every element is computed by the same operations as
-before, so a packed step equals the per-tensor one bit for bit. Checkpoints keep the
+Packing is a layout change: every element is computed by the same operations as before, so
+a packed step equals the per-tensor one up to float rounding (XLA may fuse the slices into
+the networks' first operations and round a sum differently). Checkpoints keep the
 per-tensor layout on disk (`unpack_all` before saving, `pack_like` after restoring).
 """
 from __future__ import annotations

@@ -51,7 +51,7 @@ def variables_of(state: TrainState) -> dict:
 def create_train_state(cfg, variables, d_variables, tx, d_tx) -> TrainState:
   """The initial state from the model's variables and the discriminator's (`tx`, `d_tx`:
   their optimizers, for the state's structure). Trained parameters are packed (packed.py);
-  `packed.unpack_all` gives the same state per tensor, which the step takes as well."""
+  `packed.unpack_all` gives the same state per tensor (what checkpoints hold)."""
   stage = stages.get(cfg.stage)
   params = variables["params"]
   trained = {n: params[n] for n in stage.trains}

@@ -162,3 +162,11 @@ def test_a_packed_tree_round_trips_and_refuses_another_structure():
   assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(state)
   with pytest.raises(ValueError, match="cannot pack"):
     p.layout.pack({"a": tree["a"]})
+
+
+def test_centralization_refuses_packed_updates_instead_of_skipping_them():
+  """In a packed vector the kernels' shapes are gone: centralizing it would silently do
+  nothing, so the transform refuses it and names the route that centralizes per tensor."""
+  p = packed.pack({"k": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)})
+  with pytest.raises(TypeError, match="optimizer_gradients"):
+    optim.centralize_gradients().update(p, optax.EmptyState())

@@ -25,24 +25,31 @@ import optax
 from grain_jax.train import packed
 
 
-def centralize_gradients() -> optax.GradientTransformation:
-  """Gradient centralization: subtract from each kernel gradient its mean over every axis but
-  the output one.
+def centralize(grads):
+  """Gradient centralization of a tree: from each kernel gradient (rank > 1), its mean over
+  every axis but the output one subtracted; vectors (biases, scales) left alone.
 
   PyTorch weights are (out, in, kh, kw) / (out, in) and Ranger averages over axes 1..; Flax
   kernels are HWIO / (in, out), so the output axis is the last and the mean is over all the
-  others. Vectors (biases, scales) are left alone. Takes packed updates too (packed.py).
+  others.
   """
   def gc(g):
     if g.ndim > 1:
       return g - jnp.mean(g, axis=tuple(range(g.ndim - 1)), keepdims=True)
     return g
+  return jax.tree_util.tree_map(gc, grads)
 
+
+def centralize_gradients() -> optax.GradientTransformation:
+  """`centralize` as an optax transform, on per-tensor updates. Packed gradients are
+  centralized before packing (`optimizer_gradients`): in a packed vector the tensors'
+  shapes are gone, so they are refused here rather than silently left as they are."""
   def update(updates, state, params=None):
     del params
-    if packed.is_packed(updates):  # per tensor, so through the tensors' shapes
-      return updates.layout.pack(jax.tree_util.tree_map(gc, updates.unpack())), state
-    return jax.tree_util.tree_map(gc, updates), state
+    if packed.is_packed(updates):
+      raise TypeError("gradient centralization needs per-tensor updates: use "
+                      "optim.optimizer_gradients and make_optimizer(..., prepared=True)")
+    return centralize(updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -103,10 +110,10 @@ def scale_by_ranger_radam(b1: float = 0.95, b2: float = 0.999, eps: float = 1e-5
 
 def ranger(learning_rate, b1: float = 0.95, b2: float = 0.999, eps: float = 1e-5,
            sync_period: int = 6, slow_step_size: float = 0.5,
-           centralize: bool = True) -> optax.GradientTransformation:
+           gradient_centralization: bool = True) -> optax.GradientTransformation:
   """Ranger with GRAIN's settings (pSp's Ranger defaults); params are LookaheadParams.
-  centralize=False: for gradients centralized already (optimizer_gradients)."""
-  fast = optax.chain(*([centralize_gradients()] if centralize else []),
+  gradient_centralization=False: for gradients centralized already (optimizer_gradients)."""
+  fast = optax.chain(*([centralize_gradients()] if gradient_centralization else []),
                      scale_by_ranger_radam(b1, b2, eps),
                      optax.scale_by_learning_rate(learning_rate))
   return optax.lookahead(fast, sync_period=sync_period, slow_step_size=slow_step_size)
@@ -140,7 +147,7 @@ def make_optimizer(cfg, learning_rate, prepared: bool = False) -> optax.Gradient
   takes gradients from `optimizer_gradients` (as the train step does)."""
   if cfg.name == "ranger":
     return ranger(learning_rate, cfg.b1, cfg.b2, cfg.eps, cfg.sync_period, cfg.slow_step_size,
-                  centralize=not prepared)
+                  gradient_centralization=not prepared)
   if cfg.name == "adam":  # torch.optim.Adam's defaults, as the original's --optim_name adam
     return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
   raise ValueError(f"unknown optimizer {cfg.name!r} (choose 'ranger' or 'adam')")
@@ -169,5 +176,5 @@ def optimizer_gradients(cfg, opt_params, grads):
   XLA:CPU.) Centralization is linear, so doing it before the gradients are averaged over
   devices rather than after changes only float rounding."""
   if cfg.name == "ranger":
-    grads, _ = centralize_gradients().update(grads, optax.EmptyState())
+    grads = centralize(grads)
   return packed.pack_as(_run_view(opt_params), grads)

@@ -147,3 +147,40 @@ def test_scanned_blocks_keep_the_parameters_outputs_and_gradients(tiny):
   for loss, grads in ((l1, g1), (l2, g2)):
     np.testing.assert_allclose(float(loss), float(l0), rtol=1e-6)
     assert np.sqrt(np.mean((grads - g0) ** 2)) <= 1e-6 * rms
+
+
+def test_remat_per_example_gives_the_same_steps():
+  """model.remat_per_example: the stage's forward pass (and the StyleGAN2 discriminator's
+  trunk) runs one image at a time, recomputed in the backward pass. A stage-4 step of d, r1
+  and g updates on a batch of 4 (the discriminator's minibatch-stddev group) ends with the
+  same parameters and losses as the plain step, up to the order of summed weight gradients."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from grain_jax.train import initial_weights, optim
+  from grain_jax.train.step import create_training
+  from tiny_config import tiny_training
+
+  cfg = tiny_training("finetune", d_every=1, r1_every=1, batch_size=4)
+  v, dv, lv, _ = initial_weights.initial_variables(cfg)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  rng = np.random.default_rng(0)
+  batch = {k: rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32) for k in "xy"}
+
+  def run(per_example):
+    c = cfg.copy_and_resolve_references()
+    c.model.remat_per_example = per_example
+    training = create_training(c, v, dv, lv, mesh)
+    state, loss_vars = training.state, jax.device_put(lv, NamedSharding(mesh, P()))
+    text = "".join(low.as_text() for low in training.step.lower(state, batch, loss_vars))
+    state, metrics = training.step(state, batch, loss_vars)
+    trained = (optim.model_params(state.params), optim.model_params(state.d_params))
+    return flat(jax.device_get(trained)), jax.device_get(metrics), text
+
+  p0, m0, text0 = run(False)
+  p1, m1, text1 = run(True)
+  assert text1.count("stablehlo.while") > text0.count("stablehlo.while")  # the lax.maps
+  assert m0["d_loss"] > 0 and m0["r1"] > 0
+  for k in ("loss", "d_loss", "r1"):
+    np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-6, err_msg=k)
+  print("per-example vs plain, RMS difference / RMS:",
+        np.sqrt(np.mean((p1 - p0) ** 2)) / np.sqrt(np.mean(p0 ** 2)))
+  assert np.sqrt(np.mean((p1 - p0) ** 2)) <= 1e-6 * np.sqrt(np.mean(p0 ** 2))

@@ -152,29 +152,43 @@ class StyleGAN2Discriminator(nn.Module):
   stddev_feat: int = 1
   conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
 
-  @nn.compact
+  def setup(self):
+    _check_channels(self.size, self.channels)
+    ch = {4 * 2 ** i: c for i, c in enumerate(self.channels)}
+    wg = self.conv_weight_grad
+    # Lists named convs / final_linear give the submodules the paths convs_K, final_linear_K.
+    self.convs = [ConvLayer(ch[self.size], 1, conv_weight_grad=wg)] + [
+        ResBlock(ch[2 ** (i - 1)], self.blur_kernel, wg)
+        for i in range(_log2(self.size), 2, -1)]
+    self.final_conv = ConvLayer(ch[4], 3, conv_weight_grad=wg)
+    self.final_linear = [EqualLinear(ch[4], activation=True), EqualLinear(1)]
+
   def __call__(self, x, return_intermediates: bool = False):
     """Logits (N, 1); with `return_intermediates`, (logits, {name: NHWC / (N, C) array})."""
-    _check_channels(self.size, self.channels)
+    inter = {}
+    out = self.trunk(x, inter)
+    logits = self.head(out, inter)
+    return (logits, inter) if return_intermediates else logits
+
+  def trunk(self, x, inter: dict | None = None):
+    """The convolutions from the image down to 4x4 (N, 4, 4, ch4): each sample on its own."""
     if x.shape[1:] != (self.size, self.size, 3):
       raise ValueError(f"expected (N, {self.size}, {self.size}, 3) images, got {x.shape}")
-    log_size = _log2(self.size)
-    ch = {4 * 2 ** i: c for i, c in enumerate(self.channels)}
+    inter = {} if inter is None else inter
+    for k, block in enumerate(self.convs):
+      x = inter["convs0" if k == 0 else f"resblock{k}"] = block(x)
+    return x
 
-    inter = {}
-    wg = self.conv_weight_grad
-    out = inter["convs0"] = ConvLayer(ch[self.size], 1, conv_weight_grad=wg, name="convs_0")(x)
-    for k, i in enumerate(range(log_size, 2, -1), start=1):
-      out = inter[f"resblock{k}"] = ResBlock(ch[2 ** (i - 1)], self.blur_kernel, wg,
-                                             name=f"convs_{k}")(out)
-
+  def head(self, out, inter: dict | None = None):
+    """The trunk's 4x4 output -> logits (N, 1): minibatch stddev (which couples the samples),
+    final_conv and the two linear layers."""
+    inter = {} if inter is None else inter
     out = minibatch_stddev(out, self.stddev_group, self.stddev_feat)
-    out = inter["final_conv"] = ConvLayer(ch[4], 3, conv_weight_grad=wg, name="final_conv")(out)
+    out = inter["final_conv"] = self.final_conv(out)
     # NCHW flatten, to use the original's final_linear.0 weight unpermuted.
     out = jnp.transpose(out, (0, 3, 1, 2)).reshape(out.shape[0], -1)
-    out = inter["final_linear0"] = EqualLinear(ch[4], activation=True, name="final_linear_0")(out)
-    logits = EqualLinear(1, name="final_linear_1")(out)
-    return (logits, inter) if return_intermediates else logits
+    out = inter["final_linear0"] = self.final_linear[0](out)
+    return self.final_linear[1](out)
 
 
 def discriminator_from_torch(rd: TorchReader, model: StyleGAN2Discriminator) -> dict:

@@ -310,6 +310,7 @@ def run(options: Options = Options(), log=print) -> dict:
   result = dict(device=device_description(), config=o.config, hr_size=int(cfg.hr_size),
                 lr_size=int(cfg.lr_size), compute_dtype=o.compute_dtype, remat=o.remat,
                 scan_blocks=bool(cfg.get("scan_blocks", False)),
+                remat_per_example=bool(cfg.get("remat_per_example", False)),
                 conv_weight_grad=wgrad, compile_only=o.compile_only,
                 jax_version=jax.__version__, ceiling_tflops=ceiling["tflops"], ceiling=ceiling,
                 cases=[])

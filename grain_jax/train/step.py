@@ -65,6 +65,7 @@ class StepSetup:
   r1_gamma: float
   axis_name: str | None = AXIS
   skip_nonfinite: bool = True  # the divergence guard (off only to time what it costs)
+  per_example: bool = False    # model.remat_per_example (see one_example_at_a_time)
 
   @property
   def patch(self) -> bool:
@@ -94,22 +95,48 @@ def batch_noise(rng, n_local: int, model: GRAIN, axis_name: str | None):
   return jax.vmap(lambda i: _example_noise(rng, i, model))(idx)
 
 
-def forward(model: GRAIN, variables, x, q_noise, g_noise, stage: stages.Stage) -> dict:
+def one_example_at_a_time(fn: Callable) -> Callable:
+  """`fn` over a batch (every argument's leading axis), run one example at a time and
+  recomputed in the backward pass: `lax.map` of `jax.checkpoint(fn)` on batches of one.
+
+  For functions whose examples do not interact (no batch statistics). The forward pass keeps
+  only the arguments and the outputs; the backward pass recomputes one example's activations,
+  differentiates them and moves on, so it holds one example's activations instead of the
+  batch's. The results equal `fn(*args)` up to the order in which weight gradients are summed.
+  """
+  def per_example(args):
+    one = jax.tree_util.tree_map(lambda a: a[None], args)
+    return jax.tree_util.tree_map(lambda a: a[0], fn(*one))
+
+  def batched(*args):
+    return jax.lax.map(jax.checkpoint(per_example), args)
+  return batched
+
+
+def forward(model: GRAIN, variables, x, q_noise, g_noise, stage: stages.Stage,
+            per_example: bool = False) -> dict:
   """Training forward pass up to the stage's output: dict(lr_float, lr, hr_inv[, hr_gan][, hr]).
   GRAIN.__call__'s steps (encode, quantize, decode, synthesize, fuse), stopped at the stage's
-  output, with the quantizer's and the generator's noise given per example."""
-  def run(m, x):
-    lr_float = m.encode(x)
-    lr = quantize_with_noise(lr_float, q_noise)
-    hr_inv, feats = m.decode(lr)
-    out = dict(lr_float=lr_float, lr=lr, hr_inv=hr_inv)
-    if stage.output == "hr_inv":
+  output, with the quantizer's and the generator's noise given per example.
+
+  per_example: run it with `one_example_at_a_time` (model.remat_per_example).
+  """
+  def batch_forward(x, q_noise, g_noise):
+    def run(m, x):
+      lr_float = m.encode(x)
+      lr = quantize_with_noise(lr_float, q_noise)
+      hr_inv, feats = m.decode(lr)
+      out = dict(lr_float=lr_float, lr=lr, hr_inv=hr_inv)
+      if stage.output == "hr_inv":
+        return out
+      out["hr_gan"], _, g_feats = m.synthesize(feats, list(g_noise))
+      if stage.output == "hr":
+        out["hr"] = m.fuse(feats, g_feats)
       return out
-    out["hr_gan"], _, g_feats = m.synthesize(feats, list(g_noise))
-    if stage.output == "hr":
-      out["hr"] = m.fuse(feats, g_feats)
-    return out
-  return model.apply(variables, x, method=run)
+    return model.apply(variables, x, method=run)
+  if per_example:
+    return one_example_at_a_time(batch_forward)(x, q_noise, list(g_noise))
+  return batch_forward(x, q_noise, g_noise)
 
 
 # ------------------------------------------------------------------------------ the step
@@ -120,7 +147,11 @@ def discriminator_logits(s: StepSetup, d_params, d_stats, img):
     logits, upd = s.disc.apply({"params": d_params, "batch_stats": d_stats}, img, train=True,
                                mutable=["batch_stats"])
     return logits, upd["batch_stats"]
-  return s.disc.apply({"params": d_params}, img), d_stats
+  variables = {"params": d_params}
+  if s.per_example:  # the trunk one image at a time; the minibatch-stddev head on the batch
+    trunk = one_example_at_a_time(lambda im: s.disc.apply(variables, im, method="trunk"))
+    return s.disc.apply(variables, trunk(img), method="head"), d_stats
+  return s.disc.apply(variables, img), d_stats
 
 
 def _keep_if_finite(s: StepSetup, old: TrainState, new: TrainState, metrics: dict,
@@ -160,7 +191,8 @@ def discriminator_step(s: StepSetup, state: TrainState, batch):
   q_noise, g_noise = step_noise(s, state, batch)["d"]
   src = batch[s.stage.d_fake_from]
   fake = jax.lax.stop_gradient(
-      forward(s.model, variables_of(state), src, q_noise, g_noise, s.stage)[s.stage.output])
+      forward(s.model, variables_of(state), src, q_noise, g_noise, s.stage,
+              s.per_example)[s.stage.output])
   y = batch["y"]
 
   def loss_fn(d_params):
@@ -188,7 +220,8 @@ def r1_step(s: StepSetup, state: TrainState, batch, grads, d_metrics: dict):
   the weighted R1 gradient (gamma / 2 * r1_every * R1), a second optimizer step as the
   original's. Returns (state, the step's discriminator metrics with r1)."""
   real = batch["y"]
-  r1_fn = lambda p: losses.r1_penalty(lambda img: s.disc.apply({"params": p}, img), real)
+  r1_fn = lambda p: losses.r1_penalty(
+      lambda img: discriminator_logits(s, p, state.d_batch_stats, img)[0], real)
   r1, r1_grads = jax.value_and_grad(r1_fn)(optim.model_params(state.d_params))
   scale = s.r1_gamma / 2 * s.r1_every
   r1_grads = s.pmean(s.prepare_gradients(state.d_params, r1_grads))
@@ -204,7 +237,8 @@ def r1_step(s: StepSetup, state: TrainState, batch, grads, d_metrics: dict):
 
 def generator_loss(s: StepSetup, trained, state: TrainState, x, y, noise, loss_vars):
   """(weighted total, {term: value}) of the stage's output against the targets."""
-  out = forward(s.model, variables_of(state.replace(params=trained)), x, *noise, s.stage)
+  out = forward(s.model, variables_of(state.replace(params=trained)), x, *noise, s.stage,
+                s.per_example)
   hr = out[s.stage.output]
 
   def adversarial(img):
@@ -394,7 +428,8 @@ def create_training(cfg, variables, d_variables, loss_vars, mesh: Mesh,
   setup = StepSetup(model, disc, make_tx, make_d_tx, prepare, stage,
                     {k: float(cfg.loss[k]) for k in losses.LOSSES if k in cfg.loss},
                     frozenset(loss_vars), int(cfg.d_every), int(cfg.r1_every),
-                    float(cfg.r1_gamma), skip_nonfinite=skip_nonfinite)
+                    float(cfg.r1_gamma), skip_nonfinite=skip_nonfinite,
+                    per_example=bool(model_cfg.get("remat_per_example", False)))
   make_state = lambda v, d: create_train_state(cfg, v, d, make_tx(cfg.max_steps),
                                                make_d_tx(cfg.max_steps))
   replicated = NamedSharding(mesh, P())

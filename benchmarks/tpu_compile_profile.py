@@ -9,7 +9,8 @@ losses; PROGRAM is upscale, downscale or STAGE:d|r1|g) with XLA's dump on, and r
 compiled module: the number of kernels (the TPU compiler spends most of its time generating
 code, kernel by kernel), the compiler's estimated cycles, and the kernels per part of the
 program (from their op_name: the optimizer update and divergence guard, the rescaler's
-forward and backward passes, the loss networks...). Needs libtpu (pip install
+forward and backward passes, the loss networks...), and the largest items live at the peak
+of the program's HBM plan (also for a program that does not fit). Needs libtpu (pip install
 'grain-jax[tpu]'), no TPU. Numbers in docs/performance.md.
 """
 from __future__ import annotations
@@ -59,6 +60,31 @@ def profile(dump: str) -> dict:
       parts.most_common()))
 
 
+def peak(dump: str, top: int = 15) -> dict:
+  """What is live at the peak of the step program's HBM plan (from its live-range dump, which a
+  program refused for its plan also has): the peak's bytes and its `top` largest items, the
+  buffers grouped by op_name (the program's part and operation) as XLA's own breakdown does."""
+  files = sorted(glob.glob(os.path.join(dump, "*after_optimizations-live-range.txt")),
+                 key=os.path.getsize)
+  if not files:
+    return {}
+  with open(files[-1]) as f:
+    lines = f.read().splitlines()
+  start = next((i for i, l in enumerate(lines) if "Stack trace breakdown for peak usage" in l), None)
+  if start is None:
+    return {}
+  total = int(re.sub(r"\D", "", lines[start].split(":", 1)[1]))
+  items = collections.Counter()
+  for line in lines[start + 1:]:
+    m = re.search(r"^(\s*[│ ]*)[├└]── (.*) \([\d.]+%, total: ([\d ]+) bytes", line)
+    # Depth 1: the program's own values (params, state and the like are one level deeper).
+    if m and len(m.group(1)) // 4 == 1:
+      name = re.sub(r"^jit\([^)]*\)/(shard_map/)?", "", re.sub(r"\{\d+\}$", "", m.group(2)))
+      items[name] += int(m.group(3).replace(" ", ""))
+  return dict(peak_gib=round(total / 2 ** 30, 2), peak_items_mib={
+      k: round(v / 2 ** 20, 1) for k, v in items.most_common(top)})
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--program", required=True, help="upscale, downscale or STAGE:d|r1|g")
@@ -86,7 +112,7 @@ def main(argv=None) -> int:
   try:
     r = aot.compile_program(spec)
     # A plan over the chip's HBM is refused before code generation: nothing to count.
-    found = profile(dump) if r["fits"] else {}
+    found = {**(profile(dump) if r["fits"] else {}), **peak(dump)}
   finally:
     shutil.rmtree(dump, ignore_errors=True)  # hundreds of MB per program
   out = dict(program=args.program, batch_per_chip=args.batch, topology=args.topology,

@@ -77,7 +77,8 @@ def peak(dump: str, top: int = 15) -> dict:
   items = collections.Counter()
   for line in lines[start + 1:]:
     m = re.search(r"^(\s*[│ ]*)[├└]── (.*) \([\d.]+%, total: ([\d ]+) bytes", line)
-    # Depth 1: the program's own values (params, state and the like are one level deeper).
+    # Depth 1 only, so nothing counts twice (the train state is one item; its tensors are
+    # its children).
     if m and len(m.group(1)) // 4 == 1:
       name = re.sub(r"^jit\([^)]*\)/(shard_map/)?", "", re.sub(r"\{\d+\}$", "", m.group(2)))
       items[name] += int(m.group(3).replace(" ", ""))

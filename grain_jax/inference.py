@@ -9,7 +9,7 @@ import numpy as np
 from grain_jax.formats import images
 from grain_jax.formats.weights import load_weights, weights_dir
 from grain_jax.nets import registry
-from grain_jax.nets.model import GRAIN, model_variables
+from grain_jax.nets.model import GRAIN, model_variables, rescale_functions
 
 # What each method needs, by network name (registry.NETWORKS).
 NEEDS = {
@@ -31,10 +31,14 @@ class LoadedModel:
   """
 
   def __init__(self, tree: dict, model_cfg, meta: dict | None = None,
-               compute_dtype: str | None = None):
-    if compute_dtype is not None:  # run-time choice: the weights stay float32
+               compute_dtype: str | None = None, inference_chunk: int | None = None):
+    # Run-time choices (the weights stay float32): compute dtype, images per pass.
+    if compute_dtype is not None or inference_chunk is not None:
       model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-      model_cfg.compute_dtype = compute_dtype
+      if compute_dtype is not None:
+        model_cfg.compute_dtype = compute_dtype
+      if inference_chunk is not None:
+        model_cfg.inference_chunk = int(inference_chunk)
     self.config = model_cfg
     self.networks = frozenset(tree)
     self.meta = meta or {}
@@ -45,9 +49,9 @@ class LoadedModel:
     self.variables = put(model_variables(tree))
     self._other = {n: put(v) for n, v in tree.items() if n not in registry.MODEL_NETWORKS}
     m = self.model
-    self._downscale = jax.jit(lambda v, x, q: m.apply(v, x, quantized=q, method=m.downscale),
-                              static_argnums=2)
-    self._upscale = jax.jit(lambda v, lr: m.apply(v, lr, method=m.upscale))
+    down, up = rescale_functions(m, int(model_cfg.get("inference_chunk", 0)))
+    self._downscale = jax.jit(down, static_argnums=2)
+    self._upscale = jax.jit(up)
     self._generate = jax.jit(lambda v, w: m.apply(v, w, method=m.generate))
     self._apply = {n: jax.jit(registry.build(n, model_cfg).apply) for n in self._other}
 
@@ -125,15 +129,18 @@ class LoadedModel:
     return self._apply["lpips"](self._other["lpips"], a, b)
 
 
-def load(directory: str, compute_dtype: str | None = None) -> LoadedModel:
+def load(directory: str, compute_dtype: str | None = None,
+         inference_chunk: int | None = None) -> LoadedModel:
   """Loads a converted-weights directory (grain-jax convert) or a training workdir (its
   latest weights, WORKDIR/weights; WORKDIR/best holds the best validated ones).
 
   compute_dtype: 'float32' (default) or 'bfloat16' (mixed precision: about twice as fast on
   GPUs and TPUs, within about 0.1 dB PSNR; see the README).
+  inference_chunk: downscale/upscale run at most this many images at a time, whatever the
+  batch (bounds the memory of large batches at 1024; the same outputs); 0 or None: the batch.
   """
   tree, cfg, meta = load_weights(weights_dir(directory))
-  return LoadedModel(tree, cfg, meta, compute_dtype)
+  return LoadedModel(tree, cfg, meta, compute_dtype, inference_chunk)
 
 
 def read_image(path: str, size: int) -> np.ndarray:

@@ -148,7 +148,7 @@ def _rescale_planned(direction: str, loaded, planned, out_dir: str, batch_size: 
 
 def run(direction: str, checkpoint: str, inputs: list[str], out_dir: str, batch_size: int = 1,
         save: tuple[str, ...] = ("hr",), workers: int = 4, compute_dtype: str = "float32",
-        progress: bool = True) -> int:
+        progress: bool = True, inference_chunk: int = 0) -> int:
   """`grain-jax down|up`: checks the request (the outputs asked for, the batch size, the
   inputs and `out_dir`) before the model is loaded, loads `checkpoint` and rescales; returns
   the number of failed inputs."""
@@ -158,8 +158,10 @@ def run(direction: str, checkpoint: str, inputs: list[str], out_dir: str, batch_
                      f"{', '.join(UPSCALE_OUTPUTS)}")
   if batch_size < 1:
     raise ValueError("--batch_size must be >= 1")
+  if inference_chunk < 0:
+    raise ValueError("--inference_chunk must be >= 0 (0: the whole batch)")
   check_can_create(out_dir)
   planned = plan(direction, inputs, os.path.abspath(out_dir), save)  # inputs walked once
-  loaded = inference.load(checkpoint, compute_dtype)
+  loaded = inference.load(checkpoint, compute_dtype, inference_chunk)
   return _rescale_planned(direction, loaded, planned, out_dir, batch_size, save, workers,
                           progress)

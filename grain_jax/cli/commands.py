@@ -136,6 +136,10 @@ def _rescale_arguments(direction: str):
                    "LR PNG files or folders (made by grain-jax down)")
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument("--batch_size", type=int, default=1, help="images per call")
+    p.add_argument("--inference_chunk", type=int, default=0,
+                   help="run at most this many images of a batch through the networks at a "
+                        "time (bounds accelerator memory at large --batch_size; the same "
+                        "outputs); 0: the whole batch")
     p.add_argument("--workers", type=int, default=4, help="background I/O threads")
     _add_compute_dtype(p)
     if direction == "up":
@@ -150,7 +154,8 @@ def _rescale_run(direction: str):
     save = tuple(s.strip() for s in getattr(args, "save", "hr").split(",") if s.strip())
     failed = rescale.run(direction, args.checkpoint, args.inputs, args.out,
                          batch_size=args.batch_size, save=save, workers=args.workers,
-                         compute_dtype=args.compute_dtype)
+                         compute_dtype=args.compute_dtype,
+                         inference_chunk=args.inference_chunk)
     return EXIT_FAILED_INPUTS if failed else 0
   return run
 

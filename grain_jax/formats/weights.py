@@ -31,7 +31,8 @@ class WeightsError(ValueError):
   """A weights directory that is missing, incomplete or of another kind."""
 
 
-RUN_OPTIONS = ("compute_dtype", "remat", "remat_per_example", "conv_weight_grad", "scan_blocks")
+RUN_OPTIONS = ("compute_dtype", "remat", "remat_per_example", "inference_chunk",
+               "conv_weight_grad", "scan_blocks")
 TEMP_PREFIX = ".grain_weights-"  # temp folders beside DIR: PREFIX + host-pid-random
 
 

@@ -23,6 +23,9 @@ def grain_1024() -> ml_collections.ConfigDict:
       # pass (train/step.one_example_at_a_time), which then holds one image's activations
       # instead of the batch's; ~1/3 more compute, the same results.
       remat_per_example=False,
+      # Inference memory at large batches: downscale/upscale run this many images per device
+      # at a time (a lax.map over chunks, util/chunks.py); 0 = the whole batch at once.
+      inference_chunk=0,
       # How convolution weight gradients are computed (layers.CONV_WEIGHT_GRAD): 'xla',
       # 'matmul' (chunked im2col matmuls, faster on CPUs) or 'auto' (matmul where it pays on a
       # CPU, XLA's on GPU/TPU). Forward passes are the same in every mode.

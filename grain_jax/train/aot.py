@@ -35,7 +35,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grain_jax.nets import layers, registry
-from grain_jax.nets.model import GRAIN
+from grain_jax.nets.model import GRAIN, rescale_functions
 from grain_jax.nets.model_config import grain_1024
 from grain_jax.train import stages
 from grain_jax.train.config import training_config
@@ -72,11 +72,11 @@ def _lower(spec: dict, mesh) -> jax.stages.Lowered:
     model = GRAIN.from_config(cfg)
     variables = _abstract(jax.eval_shape(model.init, jax.random.key(0),
                                          jax.ShapeDtypeStruct((1, hr, hr, 3), jnp.float32)), rep)
+    down, up = rescale_functions(model, int(cfg.get("inference_chunk", 0)), mesh.size)
     if spec["program"] == "downscale":
-      fn = jax.jit(lambda v, x: model.apply(v, x, quantized=True, method=model.downscale))
-      return fn.lower(variables, jax.ShapeDtypeStruct((n, hr, hr, 3), jnp.float32,
-                                                      sharding=data))
-    fn = jax.jit(lambda v, x: model.apply(v, x, method=model.upscale))
+      return jax.jit(down).lower(variables, jax.ShapeDtypeStruct((n, hr, hr, 3), jnp.float32,
+                                                                 sharding=data))
+    fn = jax.jit(up)
     return fn.lower(variables, jax.ShapeDtypeStruct((n, lr, lr, 3), jnp.float32, sharding=data))
   tcfg = training_config(spec["stage"], model=cfg)
   if spec["losses"] is not None:  # as bench: those named at their weight (1 where it is 0)

@@ -13,10 +13,10 @@ def tiny_model():
       rescaler=dict(nf=8, gc=8, encoder_blocks=1, decoder_blocks=(1, 1), decoder_light_levels=2),
       fea2code=dict(head_channels=(16, 32), start_from_latent_avg=True),
       generator=dict(style_dim=32, n_mlp=2, channels=(32, 32, 16, 8), lr_mlp=0.01,
-                     blur_kernel=(1, 3, 3, 1), modconv_impl="scale"),
+                     blur_kernel=(1, 3, 3, 1), modconv_impl="scale", conv_clamp=0.0),
       fusion=dict(branch_widths=((8, 8), (8, 8), (8, 8)), out_widths=(8, 8, 8, 8),
                   se_reduction=4),
-      discriminator=dict(channels=(32, 32, 16, 8), stddev_group=4),
+      discriminator=dict(channels=(32, 32, 16, 8), stddev_group=4, conv_clamp=0.0),
       patch_discriminator=dict(input_size=32, widths=(8, 16)),
   ))
 

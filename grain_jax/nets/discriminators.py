@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from grain_jax.nets.layers import (TORCH_KERNEL_INIT, ConvFn, EqualConv2d, EqualLinear,
-                                   FusedLeakyReLU, blur, check_fir_buffer, resize_bilinear)
+                                   FusedLeakyReLU, blur, check_fir_buffer, clamp,
+                                   resize_bilinear)
 from grain_jax.nets.torch_import import TorchReader
 
 
@@ -57,6 +58,7 @@ class ConvLayer(nn.Module):
   use_bias: bool = True
   activate: bool = True
   conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
+  conv_clamp: float = 0.0        # StyleGAN2-ADA's: output clipped to +-conv_clamp (0: none)
 
   @nn.compact
   def __call__(self, x):
@@ -75,21 +77,24 @@ class ConvLayer(nn.Module):
         # rosinality's ConvLayer(bias=False, activate=True) is never used by the discriminator.
         raise NotImplementedError("ConvLayer without bias but with activation")
       x = FusedLeakyReLU(name="act")(x)
-    return x
+    return clamp(x, self.conv_clamp)
 
 
 class ResBlock(nn.Module):
-  """rosinality's ResBlock: (conv2(conv1(x)) + skip(x)) / sqrt(2), halving the resolution."""
+  """rosinality's ResBlock: (conv2(conv1(x)) + skip(x)) / sqrt(2), halving the resolution.
+  With conv_clamp the outputs of conv1 and conv2 are clipped before the sum (ADA clips conv2's,
+  scaled by 1/sqrt(2), at conv_clamp/sqrt(2): the same), not the skip's (as ADA)."""
   features: int
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
   conv_weight_grad: str = "xla"
+  conv_clamp: float = 0.0
 
   @nn.compact
   def __call__(self, x):
-    wg = self.conv_weight_grad
-    out = ConvLayer(x.shape[-1], 3, conv_weight_grad=wg, name="conv1")(x)
+    wg, cc = self.conv_weight_grad, self.conv_clamp
+    out = ConvLayer(x.shape[-1], 3, conv_weight_grad=wg, conv_clamp=cc, name="conv1")(x)
     out = ConvLayer(self.features, 3, downsample=True, blur_kernel=self.blur_kernel,
-                    conv_weight_grad=wg, name="conv2")(out)
+                    conv_weight_grad=wg, conv_clamp=cc, name="conv2")(out)
     skip = ConvLayer(self.features, 1, downsample=True, blur_kernel=self.blur_kernel,
                      use_bias=False, activate=False, conv_weight_grad=wg, name="skip")(x)
     return (out + skip) * (1 / math.sqrt(2))
@@ -151,16 +156,17 @@ class StyleGAN2Discriminator(nn.Module):
   stddev_group: int = 4
   stddev_feat: int = 1
   conv_weight_grad: str = "xla"  # layers.CONV_WEIGHT_GRAD
+  conv_clamp: float = 0.0  # StyleGAN2-ADA's, on every conv (nets/ada_pickle.py); 0: none
 
   def setup(self):
     _check_channels(self.size, self.channels)
     ch = {4 * 2 ** i: c for i, c in enumerate(self.channels)}
-    wg = self.conv_weight_grad
+    wg, cc = self.conv_weight_grad, float(self.conv_clamp)
     # Lists named convs / final_linear give the submodules the paths convs_K, final_linear_K.
-    self.convs = [ConvLayer(ch[self.size], 1, conv_weight_grad=wg)] + [
-        ResBlock(ch[2 ** (i - 1)], self.blur_kernel, wg)
+    self.convs = [ConvLayer(ch[self.size], 1, conv_weight_grad=wg, conv_clamp=cc)] + [
+        ResBlock(ch[2 ** (i - 1)], self.blur_kernel, wg, cc)
         for i in range(_log2(self.size), 2, -1)]
-    self.final_conv = ConvLayer(ch[4], 3, conv_weight_grad=wg)
+    self.final_conv = ConvLayer(ch[4], 3, conv_weight_grad=wg, conv_clamp=cc)
     self.final_linear = [EqualLinear(ch[4], activation=True), EqualLinear(1)]
 
   def __call__(self, x, return_intermediates: bool = False):

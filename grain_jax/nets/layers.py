@@ -359,6 +359,11 @@ def fused_leaky_relu(x: jax.Array, bias: jax.Array | None = None,
   return jax.nn.leaky_relu(x, negative_slope) * jnp.asarray(gain, x.dtype)
 
 
+def clamp(x, limit: float):
+  """StyleGAN2-ADA's conv_clamp: outputs clipped to +-limit; 0: none (rosinality's)."""
+  return jnp.clip(x, -limit, limit) if limit else x
+
+
 class FusedLeakyReLU(nn.Module):
   """FusedLeakyReLU with its own learned bias (torch key `<name>.bias`)."""
 

@@ -44,12 +44,14 @@ def grain_1024() -> ml_collections.ConfigDict:
       # (more keep 1x1, as the original's 4 convs do at lr_size 4).
       fea2code=dict(head_channels=(64, 128, 256, 512), start_from_latent_avg=True, n_codes=0),
       # channels: one width per resolution 4..hr_size; () = rosinality's config-f widths.
+      # conv_clamp: StyleGAN2-ADA's clipping of each conv's output (0: none, rosinality's);
+      # set from the file when a .pkl is converted, as are the widths and the mapping depth.
       generator=dict(style_dim=512, n_mlp=8, channels=(), lr_mlp=0.01,
-                     blur_kernel=(1, 3, 3, 1), modconv_impl="scale"),
+                     blur_kernel=(1, 3, 3, 1), modconv_impl="scale", conv_clamp=0.0),
       fusion=dict(branch_widths=((128, 128), (64, 64), (32, 32)), out_widths=(128, 128, 64, 64),
                   se_reduction=16),
       # Stages 2-4: rosinality's StyleGAN2 discriminator at hr_size.
-      discriminator=dict(channels=(), stddev_group=4),
+      discriminator=dict(channels=(), stddev_group=4, conv_clamp=0.0),
       # Stage 1: SRGAN-style patch discriminator on bilinear-resized 256^2 images.
       patch_discriminator=dict(input_size=256, widths=(64, 128, 256, 512)),
   ))

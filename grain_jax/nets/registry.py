@@ -135,7 +135,8 @@ def _stylegan2_discriminator(cfg):
   return discriminators.StyleGAN2Discriminator(
       int(cfg.hr_size), tuple(d.channels) or stylegan2.default_channels(int(cfg.hr_size)),
       tuple(cfg.generator.blur_kernel), stddev_group=int(d.stddev_group),
-      conv_weight_grad=layers.conv_weight_grad_of(cfg))
+      conv_weight_grad=layers.conv_weight_grad_of(cfg),
+      conv_clamp=float(d.get("conv_clamp", 0.0)))
 
 
 def _patch_discriminator(cfg):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grain_jax.nets.layers import (EqualLinear, FusedLeakyReLU, blur, check_fir_buffer,
+from grain_jax.nets.layers import (EqualLinear, FusedLeakyReLU, blur, check_fir_buffer, clamp,
                                    separable_taps, upfirdn2d)
 from grain_jax.nets.torch_import import CheckpointError, TorchReader
 
@@ -135,11 +135,12 @@ class ModulatedConv2d(nn.Module):
 
 
 class StyledConv(nn.Module):
-  """Modulated conv, noise injection (learned strength), fused leaky ReLU."""
+  """Modulated conv, noise injection (learned strength), fused leaky ReLU[, clamp]."""
   features: int
   upsample: bool = False
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
   impl: str = "scale"
+  conv_clamp: float = 0.0
 
   @nn.compact
   def __call__(self, x, w, noise):
@@ -147,19 +148,21 @@ class StyledConv(nn.Module):
                           name="conv")(x, w)
     strength = self.param("noise_weight", nn.initializers.zeros, (1,))
     out = out + (strength * noise).astype(out.dtype)
-    return FusedLeakyReLU(name="activate")(out)
+    return clamp(FusedLeakyReLU(name="activate")(out), self.conv_clamp)
 
 
 class ToRGB(nn.Module):
-  """1x1 modulated conv (no demodulation) + bias, plus the FIR-upsampled previous RGB."""
+  """1x1 modulated conv (no demodulation) + bias[, clamp], plus the FIR-upsampled previous RGB."""
   upsample: bool = True
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
   impl: str = "scale"
+  conv_clamp: float = 0.0
 
   @nn.compact
   def __call__(self, x, w, skip=None):
     out = ModulatedConv2d(3, 1, False, False, self.blur_kernel, self.impl, name="conv")(x, w)
     out = out + self.param("bias", nn.initializers.zeros, (3,)).astype(out.dtype)
+    out = clamp(out, self.conv_clamp)
     if skip is not None:
       k = len(self.blur_kernel)
       # rosinality Upsample(factor 2): kernel * 4, pad ((k-2+1)//2 + 1, (k-2)//2).
@@ -182,6 +185,9 @@ class Generator(nn.Module):
   blur_kernel: Sequence[float] = (1, 3, 3, 1)
   impl: str = "scale"
   remat: bool = False  # rematerialise each StyledConv in the backward pass
+  # StyleGAN2-ADA's conv_clamp (its pickles: nets/ada_pickle.py): each StyledConv's and
+  # ToRGB's output clipped to +-conv_clamp; 0 = none (rosinality's).
+  conv_clamp: float = 0.0
 
   @property
   def log_size(self) -> int:
@@ -205,15 +211,15 @@ class Generator(nn.Module):
     self.style = [EqualLinear(self.style_dim, lr_mul=self.lr_mlp, activation=True,
                               name=f"style_{i + 1}") for i in range(self.n_mlp)]
     self.input = self.param("input", nn.initializers.normal(1.0), (1, 4, 4, self.channels[0]))
-    bk = tuple(self.blur_kernel)
+    bk, cc = tuple(self.blur_kernel), float(self.conv_clamp)
     styled = nn.remat(StyledConv) if self.remat else StyledConv
-    self.conv1 = styled(self.channels[0], False, bk, self.impl)
-    self.to_rgb1 = ToRGB(False, bk, self.impl)
+    self.conv1 = styled(self.channels[0], False, bk, self.impl, cc)
+    self.to_rgb1 = ToRGB(False, bk, self.impl, cc)
     convs, to_rgbs = [], []
     for c in self.channels[1:]:
-      convs.append(styled(c, True, bk, self.impl))
-      convs.append(styled(c, False, bk, self.impl))
-      to_rgbs.append(ToRGB(True, bk, self.impl))
+      convs.append(styled(c, True, bk, self.impl, cc))
+      convs.append(styled(c, False, bk, self.impl, cc))
+      to_rgbs.append(ToRGB(True, bk, self.impl, cc))
     self.convs = convs
     self.to_rgbs = to_rgbs
     for i, shape in enumerate(self.noise_shapes()):
@@ -298,7 +304,7 @@ class Generator(nn.Module):
     g = cfg.generator
     return cls(cfg.hr_size, g.style_dim, g.n_mlp, generator_channels(cfg), g.lr_mlp,
                tuple(g.blur_kernel), impl or g.get("modconv_impl", "scale"),
-               bool(cfg.get("remat", False)))
+               bool(cfg.get("remat", False)), float(g.get("conv_clamp", 0.0)))
 
 
 def _styled_from_torch(rd: TorchReader, key: str) -> dict:

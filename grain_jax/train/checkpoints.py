@@ -47,7 +47,8 @@ RESUMABLE_CHANGES = ("max_steps", "log_every", "image_every", "eval_every", "che
 def added_fields() -> dict:
   """Fields added by later versions, at the value that reproduces what earlier versions did: a
   checkpoint's config without one matches that value (a loss term it did not have was off)."""
-  return {"model.fea2code.n_codes": 0, **{f"loss.{k}": 0.0 for k in losses.LOSSES}}
+  return {"model.fea2code.n_codes": 0, "model.generator.conv_clamp": 0.0,
+          "model.discriminator.conv_clamp": 0.0, **{f"loss.{k}": 0.0 for k in losses.LOSSES}}
 
 
 # Fields the demo of earlier versions wrote into its stages' config.json (no training field).

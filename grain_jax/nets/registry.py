@@ -19,11 +19,12 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+import ml_collections
 import jax
 import jax.numpy as jnp
 
-from grain_jax.nets import (discriminators, fea2code, fusion, inception, invrrdb, irse50, layers,
-                            lpips, stylegan2)
+from grain_jax.nets import (ada_pickle, discriminators, fea2code, fusion, inception, invrrdb,
+                            irse50, layers, lpips, stylegan2)
 from grain_jax.nets.torch_import import CheckpointError, TorchReader, check_tree, load_torch_file
 
 MODEL_NETWORKS = ("rescaler", "fea2code", "generator", "fusion")
@@ -67,6 +68,8 @@ def _grain_file(stage4_key: str, option: str):
 
 
 def _rosinality_generator(path):
+  if ada_pickle.is_pickle(path):
+    return ada_pickle.generator_state_dict(path)
   ckpt = load_torch_file(path)
   if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
     keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -79,6 +82,8 @@ def _rosinality_generator(path):
 
 
 def _rosinality_discriminator(path):
+  if ada_pickle.is_pickle(path):
+    return ada_pickle.discriminator_state_dict(path)
   ckpt = load_torch_file(path)
   if not isinstance(ckpt, dict) or not isinstance(ckpt.get("d"), dict):
     raise CheckpointError(f"{path}: expected a rosinality checkpoint with a 'd' entry (the "
@@ -154,14 +159,16 @@ NETWORKS = {n.name: n for n in (
             fea2code.Fea2Code.from_config, _fea2code_inputs,
             _grain_file("state_dict2", "codestylegan"), fea2code.from_torch),
     Network("generator", "stylegan2",
-            "rosinality StyleGAN2 .pt with 'g_ema' and 'latent_avg' (stylegan2-ffhq-config-f.pt)",
+            "rosinality StyleGAN2 .pt with 'g_ema' and 'latent_avg' (stylegan2-ffhq-config-f.pt), "
+            "or a StyleGAN2-ADA .pkl (its G_ema and w_avg)",
             stylegan2.Generator.from_config, lambda c: ([(1, int(c.generator.style_dim))],),
             _rosinality_generator, stylegan2.from_torch),
     Network("fusion", "fusion", "GRAIN Fusion_model.pt (a stage-4 file: its state_dict3)",
             fusion.Fusion.from_config, _fusion_inputs, _grain_file("state_dict3", "fusion"),
             fusion.from_torch),
     Network("discriminator", "discriminator",
-            "rosinality StyleGAN2 .pt with a 'd' entry (GRAIN: mul_res_gan2.pt; training only)",
+            "rosinality StyleGAN2 .pt with a 'd' entry (GRAIN: mul_res_gan2.pt), or a "
+            "StyleGAN2-ADA .pkl (its D); training only",
             _stylegan2_discriminator, lambda c: (_images(c.hr_size),),
             _rosinality_discriminator, discriminators.discriminator_from_torch),
     Network("patch_discriminator", "patch_discriminator",
@@ -235,6 +242,36 @@ def from_state_dict(name: str, state_dict: Mapping, model_cfg, what: str | None 
   variables = net.from_torch(reader, net.build(model_cfg))
   check_tree(reader.what, variables, expected_variables(name, model_cfg), reader)
   return variables
+
+
+def config_for_sources(model_cfg, sources: Mapping[str, str]):
+  """The model config to convert `sources` ({network: option value}) with: StyleGAN2-ADA
+  pickles fix the generator's and discriminator's widths, mapping depth, minibatch-stddev
+  group and conv_clamp (rosinality files carry no such record: the config's are checked
+  against their shapes). Their resolution must be the config's hr_size, which also sets the
+  rescaler's scale: a different one is an error naming the override. Returns a copy."""
+  cfg = model_cfg.copy_and_resolve_references()
+  found = {}
+  if any(ada_pickle.is_pickle(sources.get(n)) for n in ("generator", "discriminator")):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())  # unlocked: an older config may lack a field
+  if ada_pickle.is_pickle(sources.get("generator")):
+    path = sources["generator"]
+    a = ada_pickle.generator_architecture(path)
+    found[path] = a["hr_size"]
+    cfg.generator.update(style_dim=a["style_dim"], n_mlp=a["n_mlp"], channels=a["channels"],
+                         lr_mlp=a["lr_mlp"], conv_clamp=a["conv_clamp"])
+  if ada_pickle.is_pickle(sources.get("discriminator")):
+    path = sources["discriminator"]
+    a = ada_pickle.discriminator_architecture(path)
+    found[path] = a["hr_size"]
+    cfg.discriminator.update(channels=a["channels"], stddev_group=a["stddev_group"],
+                             conv_clamp=a["conv_clamp"])
+  for path, size in found.items():
+    if size != int(cfg.hr_size):
+      raise CheckpointError(
+          f"{path}: a {size}px StyleGAN2, but the model config is for {cfg.hr_size}px (set "
+          f"--config.model.hr_size={size}, and --config.model.lr_size for the scale you want)")
+  return cfg
 
 
 def convert(name: str, source: str, model_cfg) -> tuple[dict, list[str]]:

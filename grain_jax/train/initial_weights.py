@@ -39,10 +39,11 @@ def _load_sources(cfg) -> tuple[dict, dict]:
                       ("previous stage", cfg.init.previous_workdir and
                        _previous_weights(cfg.init.previous_workdir))):
     if path:
-      tree, _, _ = load_weights(path)
+      tree, stored, _ = load_weights(path)
       field = "init.weights" if label == "weights" else "init.previous_workdir"
       for name, variables in tree.items():
         _check_shapes(name, variables, cfg.model, f"{field} {path}")
+      _check_clamp(list(tree), stored, cfg.model, f"{field} {path}")
       found.update(tree)
       origin.update({n: f"{label} {path}" for n in tree})
   return found, origin
@@ -63,6 +64,21 @@ def _check_shapes(name: str, variables, model_cfg, where: str) -> None:
           f"{where}: network '{name}' does not fit the config: {key} is {have} there, the "
           f"config's model expects {want} (model.hr_size={model_cfg.hr_size}, "
           f"model.lr_size={model_cfg.lr_size}); use weights made with the same model config")
+
+
+def _check_clamp(names, stored, model_cfg, where: str) -> None:
+  """Refuses a StyleGAN2 whose conv_clamp (a StyleGAN2-ADA file's, kept with the converted
+  weights) differs from the config's: its outputs would change without a shape to show it."""
+  differ = {}
+  for name in ("generator", "discriminator"):
+    if name in names:
+      have = float((stored.get(name) or {}).get("conv_clamp", 0.0))
+      if have != float((model_cfg.get(name) or {}).get("conv_clamp", 0.0)):
+        differ[name] = have
+  if differ:
+    raise ValueError(f"{where}: the StyleGAN2 was converted with another conv_clamp (a "
+                     f"StyleGAN2-ADA file's) than the config's; run with "
+                     + " ".join(f"--config.model.{n}.conv_clamp={v:g}" for n, v in differ.items()))
 
 
 def _add_random_networks(cfg, found: dict, origin: dict, placeholders: bool) -> None:

@@ -99,9 +99,9 @@ def persistence(monkeypatch):
   return Persistent
 
 
-def _write(path, obj):
+def _write(path, obj, protocol=None):
   with open(path, "wb") as f:
-    pickle.dump(obj, f)
+    pickle.dump(obj, f, protocol=protocol)
   return str(path)
 
 
@@ -174,10 +174,10 @@ def _as_written(obj, persistence):
   return obj
 
 
-def _variant(tmp_path, persistence, name, edit):
+def _variant(tmp_path, persistence, name, edit, protocol=None):
   snap = copy.deepcopy(ada_pickle.load_snapshot(PKL))
   edit(snap)
-  return _write(tmp_path / f"{name}.pkl", _as_written(snap, persistence))
+  return _write(tmp_path / f"{name}.pkl", _as_written(snap, persistence), protocol)
 
 
 def _synthesis(snap):
@@ -207,8 +207,10 @@ def test_what_the_generator_cannot_represent_is_named(tmp_path, persistence, nam
 
 def test_the_round_trip_of_a_variant_writer_keeps_the_file_convertible(tmp_path, persistence):
   """The variants above differ from tiny.pkl by their edit only: unedited, the writer's copy
-  converts to the same variables."""
-  same = _variant(tmp_path, persistence, "same", lambda s: None)
+  converts to the same variables. Written with pickle protocol 3, as the Python 3.7 of
+  stylegan2-ada-pytorch's time did (sets as builtins.set calls, not protocol 4's opcode)."""
+  same = _variant(tmp_path, persistence, "same", lambda s: None, protocol=3)
+  assert b"builtins\nset" in open(same, "rb").read()
   cfg = registry.config_for_sources(tiny_model(), {"generator": PKL, "discriminator": PKL})
   for net in ("generator", "discriminator"):
     a, b = (registry.convert(net, p, cfg)[0] for p in (PKL, same))

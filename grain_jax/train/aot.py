@@ -297,7 +297,8 @@ def run(options: Options, log=print) -> dict:
                 config=o.config, hr_size=int(model.hr_size), lr_size=int(model.lr_size),
                 compute_dtype=o.compute_dtype, remat=o.remat,
                 scan_blocks=bool(model.get("scan_blocks", False)),
-                remat_per_example=bool(model.get("remat_per_example", False)), conv_weight_grad=
+                remat_per_example=bool(model.get("remat_per_example", False)),
+                inference_chunk=int(model.get("inference_chunk", 0)), conv_weight_grad=
                 layers.conv_weight_grad_of(layers.for_platform(model, "tpu")),
                 losses=list(o.losses) if o.losses else "each stage's own",
                 jax_version=jax.__version__, libtpu_version=libtpu, host=host_description(),

@@ -311,6 +311,7 @@ def run(options: Options = Options(), log=print) -> dict:
                 lr_size=int(cfg.lr_size), compute_dtype=o.compute_dtype, remat=o.remat,
                 scan_blocks=bool(cfg.get("scan_blocks", False)),
                 remat_per_example=bool(cfg.get("remat_per_example", False)),
+                inference_chunk=int(cfg.get("inference_chunk", 0)),
                 conv_weight_grad=wgrad, compile_only=o.compile_only,
                 jax_version=jax.__version__, ceiling_tflops=ceiling["tflops"], ceiling=ceiling,
                 cases=[])

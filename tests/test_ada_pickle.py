@@ -218,6 +218,14 @@ def test_the_round_trip_of_a_variant_writer_keeps_the_file_convertible(tmp_path,
       np.testing.assert_array_equal(x, y)
 
 
+def test_a_network_missing_a_tensor_is_named(tmp_path, persistence):
+  path = _variant(tmp_path, persistence, "no_weight", lambda s: s["G_ema"].child(
+      "mapping").child("fc1").state["_parameters"].pop("weight"))
+  with pytest.raises(CheckpointError, match=r"G_ema is not laid out as StyleGAN2-ADA's "
+                                            r"\(KeyError: 'weight'\)"):
+    registry.convert("generator", path, tiny_model())
+
+
 def test_a_pickle_of_another_resolution_names_the_override():
   cfg = tiny_model()
   cfg.hr_size = 64

@@ -168,9 +168,9 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> Any:
     raise UnsafePickleError(f"{path}: {e}") from None
   except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
           RuntimeError, IndexError, KeyError) as e:
+    detail = str(e).splitlines()[0][:120] if str(e) else ""
     raise CheckpointError(f"{path}: not a complete StyleGAN2-ADA pickle (truncated or "
-                          f"corrupt? {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-                          ) from None
+                          f"corrupt? {type(e).__name__}: {detail})") from None
 
 
 def load_snapshot(path: str) -> dict:
@@ -199,6 +199,23 @@ def _network(path: str, key: str, class_name: str) -> PersistentObject:
   return net
 
 
+def _layout_errors(network: str):
+  """Turns a lookup that fails inside a network's state (a tensor or submodule it lacks) into
+  one CheckpointError naming the network and what was missing."""
+  def wrap(fn):
+    @functools.wraps(fn)
+    def run(path: str):
+      try:
+        return fn(path)
+      except CheckpointError:
+        raise
+      except (KeyError, AttributeError, TypeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: {network} is not laid out as StyleGAN2-ADA's "
+                              f"({type(e).__name__}: {e})") from None
+    return run
+  return wrap
+
+
 def _need(cond: bool, path: str, message: str) -> None:
   if not cond:
     raise CheckpointError(f"{path}: {message}; grain_jax's StyleGAN2 (rosinality's layout) "
@@ -215,7 +232,8 @@ def _filter_ok(f) -> bool:
 def _clamp(path: str, layers) -> float:
   """The one conv_clamp of these layers (None in the file: 0, no clamp)."""
   values = {layer.attr("conv_clamp") for layer in layers}
-  _need(len(values) == 1, path, f"layers with different conv_clamp values {sorted(map(str, values))}")
+  _need(len(values) == 1, path,
+        f"layers with different conv_clamp values {sorted(map(str, values))}")
   v = values.pop()
   return 0.0 if v is None else float(v)
 
@@ -275,13 +293,15 @@ def _rosinality_fir(gain: float) -> np.ndarray:
 
 def _to_rgb(prefix: str, layer: PersistentObject, upsample: bool) -> dict:
   t = layer.tensors()
-  sd = {f"{prefix}.conv.weight": t["weight"][None], f"{prefix}.bias": t["bias"].reshape(1, -1, 1, 1),
+  sd = {f"{prefix}.conv.weight": t["weight"][None],
+        f"{prefix}.bias": t["bias"].reshape(1, -1, 1, 1),
         **_dense(f"{prefix}.conv.modulation", layer.child("affine"))}
   if upsample:
     sd[f"{prefix}.upsample.kernel"] = _rosinality_fir(4.0)
   return sd
 
 
+@_layout_errors("G_ema")
 def generator_state_dict(path: str) -> tuple[dict, list[str]]:
   """G_ema of a StyleGAN2-ADA pickle as a rosinality g_ema state dict with 'latent_avg' (the
   mapping's w_avg); (state dict, [path])."""
@@ -313,6 +333,7 @@ def generator_state_dict(path: str) -> tuple[dict, list[str]]:
   return sd, [path]
 
 
+@_layout_errors("G_ema")
 def generator_architecture(path: str) -> dict:
   """The generator fields of the model config this G_ema needs: hr_size, and generator's
   style_dim, n_mlp, channels, lr_mlp, conv_clamp. Refuses what rosinality's layout cannot
@@ -353,13 +374,15 @@ def _d_blocks(path: str, d: PersistentObject) -> list[tuple[int, PersistentObjec
   return [(int(n[1:]), d.child(n)) for n in names]
 
 
+@_layout_errors("D")
 def discriminator_architecture(path: str) -> dict:
   """The discriminator fields of the model config this D needs: resolution, channels,
   stddev_group, conv_clamp."""
   d = _network(path, "D", "Discriminator")
   c_dim = int(d.attr("c_dim") or 0)
   _need(c_dim == 0, path, f"D is conditional (c_dim={c_dim})")
-  _need(int(d.attr("img_channels", 3)) == 3, path, f"D reads {d.attr('img_channels')}-channel images")
+  _need(int(d.attr("img_channels", 3)) == 3, path,
+        f"D reads {d.attr('img_channels')}-channel images")
   blocks = _d_blocks(path, d)
   convs = []
   for res, b in blocks[:-1]:
@@ -389,6 +412,7 @@ def discriminator_architecture(path: str) -> dict:
               stddev_group=int(group), conv_clamp=_clamp(path, convs))
 
 
+@_layout_errors("D")
 def discriminator_state_dict(path: str) -> tuple[dict, list[str]]:
   """D of a StyleGAN2-ADA pickle as a rosinality `d` state dict; (state dict, [path])."""
   d = _network(path, "D", "Discriminator")

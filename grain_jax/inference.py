@@ -9,7 +9,8 @@ import numpy as np
 from grain_jax.formats import images
 from grain_jax.formats.weights import load_weights, weights_dir
 from grain_jax.nets import registry
-from grain_jax.nets.model import GRAIN, model_variables, rescale_functions
+from grain_jax.nets.model import GRAIN, model_variables
+from grain_jax.util.chunks import in_chunks
 
 # What each method needs, by network name (registry.NETWORKS).
 NEEDS = {
@@ -20,6 +21,22 @@ NEEDS = {
     "identity": ("irse50",),
     "lpips": ("lpips",),
 }
+
+
+def rescale_functions(model: GRAIN, chunk: int = 0, shards: int = 1):
+  """The pure functions that `grain-jax down|up`, the benchmarks and the TPU compiles jit:
+  downscale(variables, x, quantized=True) -> LR and upscale(variables, lr) -> GRAIN.upscale's
+  dict, run `chunk` images per device at a time (model.inference_chunk; util/chunks.py) over a
+  batch split over `shards` devices."""
+  def downscale(variables, x, quantized=True):
+    return in_chunks(lambda x: model.apply(variables, x, quantized=quantized,
+                                           method=model.downscale), chunk, shards)(x)
+
+  def upscale(variables, lr):
+    return in_chunks(lambda lr: model.apply(variables, lr, method=model.upscale),
+                     chunk, shards)(lr)
+  return downscale, upscale
+
 
 
 class LoadedModel:

@@ -20,7 +20,6 @@ from grain_jax.nets.invrrdb import InvRRDB
 from grain_jax.nets.quantizer import quantize
 from grain_jax.nets.registry import MODEL_NETWORKS
 from grain_jax.nets.stylegan2 import Generator
-from grain_jax.util.chunks import in_chunks
 
 
 class GRAIN(nn.Module):
@@ -129,21 +128,6 @@ class GRAIN(nn.Module):
       return dict(lr_float=lr_float, lr=lr, hr_inv=self.decode(lr)[0])
     out = self.upscale(lr, noise)
     return dict(lr_float=lr_float, lr=lr, **out)
-
-
-def rescale_functions(model: GRAIN, chunk: int = 0, shards: int = 1):
-  """The pure functions that `grain-jax down|up`, the benchmarks and the TPU compiles jit:
-  downscale(variables, x, quantized=True) -> LR and upscale(variables, lr) -> GRAIN.upscale's
-  dict, run `chunk` images per device at a time (model.inference_chunk; util/chunks.py) over a
-  batch split over `shards` devices."""
-  def downscale(variables, x, quantized=True):
-    return in_chunks(lambda x: model.apply(variables, x, quantized=quantized,
-                                           method=model.downscale), chunk, shards)(x)
-
-  def upscale(variables, lr):
-    return in_chunks(lambda lr: model.apply(variables, lr, method=model.upscale),
-                     chunk, shards)(lr)
-  return downscale, upscale
 
 
 def compute_dtype(cfg):

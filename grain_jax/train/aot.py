@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from grain_jax.inference import rescale_functions
 from grain_jax.nets import layers, registry
-from grain_jax.nets.model import GRAIN, rescale_functions
+from grain_jax.nets.model import GRAIN
 from grain_jax.nets.model_config import grain_1024
 from grain_jax.train import stages
 from grain_jax.train.config import training_config

@@ -44,8 +44,7 @@ from grain_jax.data import sources
 from grain_jax.eval.evaluate import evaluate
 from grain_jax.eval.evaluator import Evaluator
 from grain_jax.nets import layers, registry
-from grain_jax.nets.model import (GRAIN, placeholder_values, placeholder_variables,
-                                  rescale_functions)
+from grain_jax.nets.model import GRAIN, placeholder_values, placeholder_variables
 from grain_jax.nets.model_config import grain_1024
 from grain_jax.train import stages
 from grain_jax.train.config import training_config
@@ -147,7 +146,8 @@ def bench_rescale(cfg, batch_sizes, ceiling: float, repeats: int, log,
   model = GRAIN.from_config(cfg)
   hr, lr_size = int(cfg.hr_size), int(cfg.lr_size)
   variables = jax.device_put(placeholder_variables(model))
-  down, up = map(jax.jit, rescale_functions(model, int(cfg.get("inference_chunk", 0))))
+  down, up = map(jax.jit, inference.rescale_functions(model,
+                                                      int(cfg.get("inference_chunk", 0))))
   cases = []
   for b in batch_sizes:
     x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (b, hr, hr, 3)), jnp.float32)

@@ -236,7 +236,7 @@ def test_a_pickle_of_another_resolution_names_the_override():
 
 # ------------------------------------------------------------------------------ a user's route
 
-def test_training_from_the_ada_prior_then_up(converted, tmp_path):
+def test_training_from_the_ada_prior_then_up(converted, tmp_path, capsys):
   """`grain-jax train --config.init.weights=W` (W: tiny.pkl converted) trains stage 2 with the
   pickle's StyleGAN2 (frozen there), and `grain-jax up` upscales with the result. (One step,
   without the adversarial term: the discriminator's programs are the suite's slowest part
@@ -247,9 +247,10 @@ def test_training_from_the_ada_prior_then_up(converted, tmp_path):
     img = Image.fromarray(getattr(skimage.data, name)())
     img.resize((img.width // 6, img.height // 6), Image.BICUBIC).save(pictures / f"{name}.png")
 
-  def grain_jax(*args):
-    return subprocess.run([sys.executable, "-m", "grain_jax", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True)
+  def grain_jax(*args):  # in this process, as a user runs the command
+    from grain_jax import cli
+    rc = cli.main([*map(str, args)])
+    return subprocess.CompletedProcess(args, rc, "", capsys.readouterr().err)
   train = ["train", "--config", f"{TINY}:fea2code", "--workdir", tmp_path / "run",
            "--noprogress", f"--config.data.train={pictures}", f"--config.init.weights={converted}",
            "--config.max_steps=1", "--config.checkpoint_every=1", "--config.loss.adv=0"]

@@ -170,9 +170,10 @@ def param_errors(name: str, model_cfg, state_dict0: dict, trained: dict, ref: di
       k: np.full(np.shape(state_dict0[k]), i + 1, np.float32) for i, k in enumerate(keys)}})
   where = {}
   for leaf, v in tags.items():
-    tag = np.unique(v)
-    assert tag.size == 1 and tag[0] == int(tag[0]), f"{name}/{leaf}: not one tensor's"
-    where[keys[int(tag[0]) - 1]] = leaf
+    v = np.asarray(v)
+    tag = v.flat[0]  # one tensor's constant throughout (np.unique would sort 73M values)
+    assert np.all(v == tag) and tag == int(tag), f"{name}/{leaf}: not one tensor's"
+    where[keys[int(tag) - 1]] = leaf
   assert sorted(where) == keys, f"{name}: tensors without a grain_jax parameter"
   p0 = _converted(name, model_cfg, state_dict0)
   probes = _converted(name, model_cfg, {**state_dict0, **{

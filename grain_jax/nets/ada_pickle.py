@@ -14,7 +14,8 @@ The networks are then mapped onto rosinality's StyleGAN2 layout (what nets/style
 nets/discriminators.py convert): G_ema's mapping fc0..fcN, synthesis bR.conv0/conv1/torgb with
 their const noise and strengths, and the mapping's w_avg as the latent average; D's bR.fromrgb,
 conv0, conv1, skip and the b4 epilogue (minibatch stddev, conv, fc, out). Resolution, widths,
-mapping depth and conv_clamp come from the file (`model_config`). What rosinality's layout
+mapping depth and conv_clamp come from the file (`generator_architecture`,
+`discriminator_architecture`). What rosinality's layout
 cannot hold exactly (a conditional model, StyleGAN3, a 'resnet' or 'orig' generator, a
 'skip' discriminator, other filters) is refused, saying what differs.
 """
@@ -54,7 +55,6 @@ class PersistentObject:
   def __repr__(self):
     return f"PersistentObject({self.class_name})"
 
-
   def child(self, name: str):
     return (self.state.get("_modules") or {}).get(name)
 
@@ -62,7 +62,7 @@ class PersistentObject:
     return dict(self.state.get("_modules") or {})
 
   def tensors(self) -> dict:
-    """This module's own parameters and buffers, as float32 numpy arrays."""
+    """This module's own parameters and buffers, as numpy arrays."""
     out = {}
     for group in ("_parameters", "_buffers"):
       for k, v in (self.state.get(group) or {}).items():
@@ -98,13 +98,16 @@ def _storage_from_bytes(data):
   return _torch().load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _numpy_array(storage, offset, size, stride):
+def _numpy_array(storage, offset, size, stride, dtype=None):
+  """The tensor's values (a copy); torch checks the view against the storage's size."""
   torch = _torch()
-  if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+  if isinstance(storage, torch.TypedStorage):
+    dtype = storage.dtype
+  elif not (isinstance(storage, torch.UntypedStorage) and isinstance(dtype, torch.dtype)):
     raise UnsafePickleError(f"a tensor rebuilt from a {type(storage).__name__}")
   if not (isinstance(offset, int) and all(isinstance(s, int) for s in (*size, *stride))):
     raise UnsafePickleError("a tensor with a malformed size or stride")
-  t = torch.empty(0, dtype=storage.dtype).set_(storage, offset, tuple(size), tuple(stride))
+  t = torch.empty(0, dtype=dtype).set_(storage, offset, tuple(size), tuple(stride))
   return t.detach().numpy().copy()
 
 
@@ -113,7 +116,7 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *unused):
-  return _numpy_array(storage, offset, size, stride)
+  return _numpy_array(storage, offset, size, stride, dtype)
 
 
 def _rebuild_parameter(data, *unused):

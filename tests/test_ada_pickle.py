@@ -279,3 +279,23 @@ def test_training_from_the_ada_prior_then_up(converted, tmp_path, capsys):
   assert r.returncode == 0, r.stderr
   for suffix in ("", "_hr_gan"):
     assert Image.open(tmp_path / "hr" / f"lr{suffix}.png").size == (32, 32)
+
+
+def test_tensor_rebuilds_read_views_and_refuse_one_past_the_storage():
+  """The allowed tensor rebuilds: v2 (torch's pickles of a tensor: a typed storage) and v3
+  (an untyped storage and a dtype) give the view's values; a view past the end fails."""
+  import warnings
+  import torch
+  values = torch.arange(6, dtype=torch.float32)
+  with warnings.catch_warnings():  # TypedStorage is deprecated, but what old pickles hold
+    warnings.simplefilter("ignore", UserWarning)
+    typed = values.storage()
+  np.testing.assert_array_equal(ada_pickle.ALLOWED[("torch._utils", "_rebuild_tensor_v2")](
+      typed, 0, (3,), (2,), False, None), [0, 2, 4])
+  v3 = ada_pickle.ALLOWED[("torch._utils", "_rebuild_tensor_v3")]
+  np.testing.assert_array_equal(v3(values.untyped_storage(), 1, (2, 2), (2, 1), False, None,
+                                   torch.float32), [[1, 2], [3, 4]])
+  with pytest.raises(RuntimeError):
+    v3(values.untyped_storage(), 0, (100,), (1,), False, None, torch.float32)
+  with pytest.raises(ada_pickle.UnsafePickleError):
+    v3(b"not a storage", 0, (1,), (1,), False, None, torch.float32)

@@ -33,9 +33,13 @@ def _errors(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-  """tiny.pkl's G_ema and D converted as a user would, the tiny config otherwise."""
+  """tiny.pkl's G_ema and D converted as a user would, the tiny config otherwise (its
+  StyleGAN2 fields set to other values here: the file's replace them)."""
   out = tmp_path_factory.mktemp("ada") / "w"
-  r = convert_cli(out, "--stylegan2", PKL, "--discriminator", PKL, "--config", TINY)
+  r = convert_cli(out, "--stylegan2", PKL, "--discriminator", PKL, "--config", TINY,
+                  "--config.model.generator.n_mlp=8", "--config.model.generator.lr_mlp=1.0",
+                  "--config.model.generator.channels=(64,64,64,64)",
+                  "--config.model.discriminator.stddev_group=2")
   assert r.returncode == 0, r.stderr
   return out
 

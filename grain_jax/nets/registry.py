@@ -249,11 +249,12 @@ def config_for_sources(model_cfg, sources: Mapping[str, str]):
   pickles fix the generator's and discriminator's widths, mapping depth, minibatch-stddev
   group and conv_clamp (rosinality files carry no such record: the config's are checked
   against their shapes). Their resolution must be the config's hr_size, which also sets the
-  rescaler's scale: a different one is an error naming the override. Returns a copy."""
-  cfg = model_cfg.copy_and_resolve_references()
+  rescaler's scale: a different one is an error naming the override. Without pickles,
+  `model_cfg` itself; otherwise an unlocked copy (an older config may lack a field)."""
+  if not any(ada_pickle.is_pickle(sources.get(n)) for n in ("generator", "discriminator")):
+    return model_cfg
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   found = {}
-  if any(ada_pickle.is_pickle(sources.get(n)) for n in ("generator", "discriminator")):
-    cfg = ml_collections.ConfigDict(cfg.to_dict())  # unlocked: an older config may lack a field
   if ada_pickle.is_pickle(sources.get("generator")):
     path = sources["generator"]
     a = ada_pickle.generator_architecture(path)

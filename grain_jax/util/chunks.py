@@ -30,7 +30,8 @@ def in_chunks(fn: Callable, chunk: int, shards: int = 1) -> Callable:
     x = x.reshape(shards, per_shard, *rest)
     if steps * chunk != per_shard:
       x = jnp.pad(x, [(0, 0), (0, steps * chunk - per_shard)] + [(0, 0)] * len(rest))
-    # (shards, steps, chunk) -> (steps, shards * chunk): step k runs chunk examples of each shard.
+    # (shards, steps, chunk) -> (steps, shards * chunk): step k runs chunk examples of each
+    # shard. (lax.map's own batch_size would take consecutive examples: one shard's only.)
     xs = x.reshape(shards, steps, chunk, *rest).swapaxes(0, 1).reshape(
         steps, shards * chunk, *rest)
     ys = jax.lax.map(fn, xs)
